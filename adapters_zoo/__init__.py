@@ -1,0 +1,1 @@
+"""lorakit's zoo: data, not code (presets, bundled configs, trained adapters)."""

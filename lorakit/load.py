@@ -1,0 +1,219 @@
+"""Find a model (local dir, zoo name, Hub id), read its config, load it.
+
+`load` is `from_pretrained` with three additions: the task picks the Auto
+class, `quant` becomes a `BitsAndBytesConfig` with lorakit's skip list (the
+same one `wrap(quant=...)` uses, so both give identical layers), and the
+model remembers where it came from and which weights the checkpoint lacked
+(new heads), so that `wrap` trains them and manifests can name the base.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import LorakitError, ModelNotFoundError, SpecError, closest
+from .specs import Quant
+from .zoo import find_bundled_config, zoo_names
+
+TASKS = {
+    "causal-lm": "AutoModelForCausalLM",
+    "seq-cls": "AutoModelForSequenceClassification",
+    "token-cls": "AutoModelForTokenClassification",
+    "seq2seq": "AutoModelForSeq2SeqLM",
+    "image-cls": "AutoModelForImageClassification",
+    "masked-lm": "AutoModelForMaskedLM",
+    "base": "AutoModel",
+}
+# Architecture-name endings -> task, to default the task from config.architectures.
+_ARCHITECTURE_TASKS = [
+    ("ForSequenceClassification", "seq-cls"), ("ForTokenClassification", "token-cls"),
+    ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"), ("ForConditionalGeneration", "seq2seq"),
+    ("ForImageClassification", "image-cls"), ("ForMaskedLM", "masked-lm"),
+]
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_task(task: str | None) -> None:
+    if task is not None and task not in TASKS:
+        near = closest(task, TASKS)
+        raise SpecError(f"unknown task {task!r}",
+                        hint=f"tasks are: {', '.join(TASKS)}" + (f"; did you mean {near[0]!r}?" if near else ""))
+
+
+def task_from_config(config: Any) -> str:
+    for architecture in getattr(config, "architectures", None) or []:
+        for ending, task in _ARCHITECTURE_TASKS:
+            if architecture.endswith(ending):
+                return task
+    return "base"
+
+
+def resolve_config(model: Any, *, trust_remote_code: bool = False, revision: str | None = None,
+                   **config_kwargs: Any) -> tuple[Any, dict]:
+    """(config, source) for a config object, a local dir, a zoo name, or a Hub id.
+
+    `source` records where it came from: ``{"kind": "dir"|"zoo"|"hub"|"config", "id": ...}``.
+    """
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model, {"kind": "config", "id": getattr(model, "name_or_path", "") or model.model_type}
+    name = str(model)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a directory but has no config.json",
+                                     hint="point at a folder written by save_pretrained()")
+        config = _build_config(lambda: AutoConfig.from_pretrained(
+            path, trust_remote_code=trust_remote_code, **config_kwargs), name)
+        return config, {"kind": "dir", "id": str(path.resolve())}
+    bundled = find_bundled_config(name)
+    if bundled is not None:
+        model_id, data = bundled
+        config = _build_config(lambda: AutoConfig.for_model(**{**data, **config_kwargs}), name)
+        config._name_or_path = model_id
+        return config, {"kind": "zoo", "id": model_id}
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"{name} is not a model directory",
+                                 hint="pass a folder that holds config.json, a zoo name or a Hub id")
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code,
+                                            **config_kwargs)
+    except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise LorakitError(f"{name} needs custom code from its repository to build",
+                               hint="pass trust_remote_code=True only if you trust that code") from None
+        raise ModelNotFoundError(_not_found_message(name), hint=_not_found_hint(name)) from None
+    return config, {"kind": "hub", "id": name, "revision": revision}
+
+
+def _build_config(build: Any, name: str) -> Any:
+    try:
+        return build()
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise LorakitError(f"transformers cannot build a config for {name}: {exc}",
+                           hint="check config.json (model_type and dimensions), or upgrade transformers") from None
+
+
+def _not_found_message(name: str) -> str:
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return (f"cannot find model {name!r}: it is not a local directory, not bundled in adapters_zoo, "
+            f"and the Hub {'is switched off (HF_HUB_OFFLINE=1)' if offline else 'and its local cache do not have it'}")
+
+
+def _not_found_hint(name: str) -> str:
+    near = closest(name, zoo_names() + [n.split("/")[-1] for n in zoo_names()])
+    hint = "check the spelling, pass a local folder, or go online once so the Hub cache has it"
+    return hint + (f"; bundled models close to it: {', '.join(near)}" if near else "")
+
+
+def auto_class(task: str) -> Any:
+    import transformers
+
+    return getattr(transformers, TASKS[task])
+
+
+def torch_dtype(dtype: Any) -> Any:
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise SpecError(f"unknown dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
+    return getattr(torch, dtype)
+
+
+def build_from_config(config: Any, task: str | None = None, *, meta: bool = False,
+                      trust_remote_code: bool = False, dtype: Any = None) -> Any:
+    """A model of `config`'s architecture with fresh weights, or none at all on the meta device."""
+    import torch
+
+    check_task(task)
+    task = task or task_from_config(config)
+    cls = auto_class(task)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = torch_dtype(dtype)
+    try:
+        if meta:
+            with torch.device("meta"):
+                return cls.from_config(config, **kwargs)
+        return cls.from_config(config, **kwargs)
+    except ValueError as exc:
+        raise LorakitError(f"cannot build a {task} model from this {config.model_type} config: {exc}",
+                           hint=f"pick another task with task=... (one of {', '.join(TASKS)})") from None
+
+
+def bnb_config(quant: Quant, skip: list[str], model_dtype: Any) -> Any:
+    """The `BitsAndBytesConfig` for a `Quant` spec and an explicit skip list."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    compute = torch_dtype(quant.compute_dtype) or model_dtype or torch.float32
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+                              bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=compute,
+                              llm_int8_skip_modules=skip)
+
+
+def load(model: str | os.PathLike, *, task: str | None = None, quant: Quant | str | None = None,
+         dtype: Any = None, device_map: Any = None, trust_remote_code: bool = False,
+         revision: str | None = None, **from_pretrained_kwargs: Any) -> Any:
+    """Load a pretrained model, optionally quantized to 8 or 4 bits, ready for `wrap`.
+
+    `model` is a local directory, a zoo name or a Hub id; `task` picks the Auto
+    class (default: from the config's architectures); `quant` is None, "8bit",
+    "4bit" or a `Quant`. Weights are read from safetensors only.
+    """
+    from .quantize import require_bitsandbytes, skip_modules
+
+    check_task(task)
+    quant = Quant.coerce(quant)
+    config_only = {k: v for k, v in from_pretrained_kwargs.items() if k in ("num_labels", "id2label", "label2id")}
+    config, source = resolve_config(model, trust_remote_code=trust_remote_code, revision=revision, **config_only)
+    task = task or task_from_config(config)
+    where = source["id"] if source["kind"] != "zoo" else source["id"]
+    kwargs: dict[str, Any] = dict(from_pretrained_kwargs, config=config, use_safetensors=True,
+                                  trust_remote_code=trust_remote_code, revision=revision,
+                                  output_loading_info=True)
+    for key in config_only:
+        kwargs.pop(key)
+    if dtype is not None:
+        kwargs["dtype"] = torch_dtype(dtype)
+    if quant is not None:
+        require_bitsandbytes()
+        skeleton = build_from_config(config, task, meta=True, trust_remote_code=trust_remote_code)
+        kwargs["quantization_config"] = bnb_config(quant, skip_modules(skeleton, quant),
+                                                   torch_dtype(dtype) or _config_dtype(config))
+        kwargs["device_map"] = device_map if device_map is not None else _default_device()
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    try:
+        loaded, info = auto_class(task).from_pretrained(where, **kwargs)
+    except OSError as exc:
+        if source["kind"] == "zoo":
+            raise ModelNotFoundError(
+                f"{source['id']} is bundled as a config only; its weights need the Hub or its cache ({exc})",
+                hint="use lorakit.report / compare-parameters for offline accounting, "
+                     "or download the model once and pass its folder") from None
+        raise ModelNotFoundError(f"cannot load weights for {where}: {exc}",
+                                 hint="the folder needs model.safetensors (lorakit never unpickles .bin files)"
+                                 ) from None
+    loaded._lorakit_source = dict(source, task=task, missing_keys=sorted(info.get("missing_keys", [])))
+    return loaded
+
+
+def _config_dtype(config: Any) -> Any:
+    import torch
+
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return value if isinstance(value, torch.dtype) else None
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,270 @@
+"""The three specs a user writes: `Lora`, `Freeze` and `Quant`.
+
+Each field's help text lives in its metadata (peft's convention) so that one
+text feeds `--help`, the README and preset validation. Specs validate
+themselves in `__post_init__`; checks that need the model (does this module
+exist? is block 30 in range?) happen in `wrap`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import SpecError
+
+TARGET_GROUPS = ("attention", "mlp", "all-linear")
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+def parse_blocks(spec: str | int | list[int] | tuple[int, ...] | range | None) -> list[str | int] | None:
+    """Parse a block selection: ``"0-3,7"``, ``"first:2"``, ``"last:4"``, ints.
+
+    Returns a list of ints and ``("first"|"last", n)`` markers kept symbolic,
+    because the number of blocks is only known once a model is at hand.
+    """
+    if spec is None:
+        return None
+    if isinstance(spec, int):
+        return [spec]
+    if isinstance(spec, (list, tuple, range)):
+        items: list[Any] = []
+        for item in spec:
+            items.extend(parse_blocks(item) or [])
+        return items
+    items = []
+    for token in str(spec).replace(" ", "").split(","):
+        if not token:
+            continue
+        match = re.fullmatch(r"(first|last):(\d+)|(-?\d+)(?:-(\d+))?", token)
+        if not match:
+            raise SpecError(
+                f"cannot read block selection {token!r} in {spec!r}",
+                hint='write indices and ranges like "0-3,7", or "first:2" / "last:4"',
+            )
+        if match.group(1):
+            items.append(f"{match.group(1)}:{match.group(2)}")
+        elif match.group(4) is not None:
+            start, stop = int(match.group(3)), int(match.group(4))
+            if stop < start:
+                raise SpecError(f"block range {token!r} runs backwards", hint=f"write {stop}-{start}")
+            items.extend(range(start, stop + 1))
+        else:
+            items.append(int(match.group(3)))
+    return items
+
+
+def resolve_blocks(selection: list[str | int], count: int, knob: str) -> set[int]:
+    """Turn a parsed selection into concrete indices for a stack of `count` blocks."""
+    chosen: set[int] = set()
+    for item in selection:
+        if isinstance(item, str):
+            side, n = item.split(":")
+            n = int(n)
+            if n > count:
+                raise SpecError(f"{knob}: {item!r} asks for {n} blocks but the model has {count}",
+                                hint=f"use a number from 1 to {count}")
+            chosen.update(range(n) if side == "first" else range(count - n, count))
+        else:
+            index = item + count if item < 0 else item
+            if not 0 <= index < count:
+                raise SpecError(f"{knob}: block {item} is out of range; the model has blocks 0-{count - 1}",
+                                hint=f"pick indices between 0 and {count - 1} (negative counts from the end)")
+            chosen.add(index)
+    return chosen
+
+
+@dataclass
+class Lora:
+    """Low-rank adapters, applied by peft."""
+
+    r: int = _help("rank of the update B·A", default=8)
+    alpha: float | None = _help("scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rslora); "
+                                "default: the family preset's, else 2*r", default=None)
+    dropout: float = _help("dropout on the adapter input, in [0, 1)", default=0.0)
+    targets: str | list[str] | None = _help(
+        '"attention", "mlp", "all-linear" or module names (suffixes such as "query", or full names); '
+        "default: the family preset's", default=None)
+    layers: str | list[int] | None = _help('which blocks get adapters: "0-3,7", "last:4"; default: all', default=None)
+    rank_pattern: dict[str, int] = _help("per-module rank, peft's rank_pattern (regex or suffix -> r)",
+                                         default_factory=dict)
+    alpha_pattern: dict[str, float] = _help("per-module alpha, peft's alpha_pattern", default_factory=dict)
+    use_rslora: bool = _help("rank-stabilised scaling alpha/sqrt(r) (peft use_rslora)", default=False)
+    use_dora: bool = _help("weight-decomposed LoRA (peft use_dora)", default=False)
+    bias: str = _help('train biases too: "none", "all" or "lora_only" (peft bias)', default="none")
+    train_fully: list[str] = _help("extra modules trained in full and saved with the adapter "
+                                   "(peft modules_to_save)", default_factory=list)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise SpecError(f"Lora.r must be a positive integer, got {self.r!r}", hint="typical ranks are 4, 8 or 16")
+        if self.alpha is not None and not self.alpha > 0:
+            raise SpecError(f"Lora.alpha must be > 0, got {self.alpha!r}", hint="a common choice is alpha = 2*r")
+        if not 0 <= self.dropout < 1:
+            raise SpecError(f"Lora.dropout must be in [0, 1), got {self.dropout!r}", hint="0.05 or 0.1 are usual")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise SpecError(f'Lora.bias must be "none", "all" or "lora_only", got {self.bias!r}')
+        for name, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value <= 0:
+                raise SpecError(f"Lora.rank_pattern[{name!r}] must be a positive integer, got {value!r}")
+        for name, value in self.alpha_pattern.items():
+            if not value > 0:
+                raise SpecError(f"Lora.alpha_pattern[{name!r}] must be > 0, got {value!r}")
+        if isinstance(self.targets, str) and "," in self.targets:
+            self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
+        if isinstance(self.targets, (list, tuple)):
+            if not self.targets:
+                raise SpecError("Lora.targets is an empty list", hint='name modules, or use "all-linear"')
+            self.targets = list(self.targets)
+        self.layers = parse_blocks(self.layers)
+        self.train_fully = list(self.train_fully)
+
+    @classmethod
+    def coerce(cls, value: Lora | dict | int | None) -> Lora | None:
+        """Accept a `Lora`, a dict of its fields, or a bare rank."""
+        if value is None or isinstance(value, Lora):
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return cls(r=value)
+        if isinstance(value, dict):
+            unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
+            if unknown:
+                raise SpecError(f"unknown Lora field(s): {', '.join(sorted(unknown))}",
+                                hint=f"fields are: {', '.join(f.name for f in dataclasses.fields(cls))}")
+            return cls(**value)
+        raise SpecError(f"lora must be a lorakit.Lora, a dict or an int rank, got {type(value).__name__}")
+
+
+@dataclass
+class Freeze:
+    """Which base parameters to freeze. Everything not frozen is trained in full.
+
+    With LoRA and no Freeze, the whole base is frozen (peft's default) and
+    only adapters and head modules train.
+    """
+
+    embeddings: bool = _help("freeze the embedding layers", default=False)
+    first_layers: int = _help("freeze the first N blocks", default=0)
+    last_layers: int = _help("freeze the last N blocks", default=0)
+    layers: str | list[int] | None = _help('freeze these blocks: "0-3,7"', default=None)
+    patterns: list[str] = _help("freeze parameters whose name matches one of these regexes (re.search)",
+                                default_factory=list)
+    backbone: bool = _help('"head only": freeze everything except the head modules (transfer learning)',
+                           default=False)
+    norms: bool | None = _help("True: freeze every norm; False: train every norm; None: norms follow their block",
+                               default=None)
+    biases: bool | None = _help("True: freeze every bias; False: train every bias; None: follow their module",
+                                default=None)
+    keep: list[str] = _help("never freeze parameters whose name matches one of these regexes", default_factory=list)
+
+    def __post_init__(self) -> None:
+        for knob in ("first_layers", "last_layers"):
+            value = getattr(self, knob)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SpecError(f"Freeze.{knob} must be a non-negative integer, got {value!r}")
+        self.layers = parse_blocks(self.layers)
+        self.patterns, self.keep = list(self.patterns), list(self.keep)
+        for regex in self.patterns + self.keep:
+            try:
+                re.compile(regex)
+            except re.error as exc:
+                raise SpecError(f"Freeze pattern {regex!r} is not a valid regular expression: {exc}") from None
+        if not self.is_active():
+            raise SpecError("this Freeze spec freezes nothing",
+                            hint='set e.g. embeddings=True, first_layers=4, backbone=True, or use freeze=None')
+
+    def is_active(self) -> bool:
+        return bool(self.embeddings or self.first_layers or self.last_layers or self.layers or self.patterns
+                    or self.backbone or self.norms is not None or self.biases is not None)
+
+    @classmethod
+    def parse(cls, text: str) -> Freeze:
+        """Read the short form, tokens separated by spaces or ';'.
+
+        ``head-only`` (or ``backbone``), ``embeddings``, ``first:N``, ``last:N``,
+        ``layers:0-3,7``, ``re:REGEX``, ``keep:REGEX``, ``norms`` / ``train-norms``,
+        ``biases`` / ``train-biases``.
+        """
+        fields: dict[str, Any] = {"patterns": [], "keep": []}
+        for token in re.split(r"[;\s]+", text.strip()):
+            if not token:
+                continue
+            key, _, arg = token.partition(":")
+            if token in ("head-only", "backbone"):
+                fields["backbone"] = True
+            elif token == "embeddings":
+                fields["embeddings"] = True
+            elif key in ("first", "last") and arg.isdigit():
+                fields[f"{key}_layers"] = int(arg)
+            elif key == "layers" and arg:
+                fields["layers"] = arg
+            elif key in ("re", "keep") and arg:
+                fields["patterns" if key == "re" else "keep"].append(arg)
+            elif token in ("norms", "train-norms"):
+                fields["norms"] = token == "norms"
+            elif token in ("biases", "train-biases"):
+                fields["biases"] = token == "biases"
+            else:
+                raise SpecError(
+                    f"cannot read freeze token {token!r}",
+                    hint="use head-only, embeddings, first:N, last:N, layers:0-3,7, re:REGEX, keep:REGEX, "
+                         "norms, train-norms, biases, train-biases",
+                )
+        return cls(**fields)
+
+    @classmethod
+    def coerce(cls, value: Freeze | str | dict | None) -> Freeze | None:
+        if value is None or isinstance(value, Freeze):
+            return value
+        if isinstance(value, str):
+            return cls.parse(value)
+        if isinstance(value, dict):
+            return cls(**value)
+        raise SpecError(f"freeze must be a lorakit.Freeze, a dict or a string, got {type(value).__name__}")
+
+
+@dataclass
+class Quant:
+    """bitsandbytes quantization of Linear layers (through transformers.BitsAndBytesConfig)."""
+
+    bits: int = _help("8 (LLM.int8) or 4 (QLoRA)", default=4)
+    quant_type: str = _help('4-bit data type: "nf4" or "fp4"', default="nf4")
+    double_quant: bool = _help("quantize the 4-bit absmax constants again (saves ~0.4 bit/param)", default=True)
+    compute_dtype: str | None = _help("dtype of 4-bit matmuls; default: the model's own dtype "
+                                      "(so CPU and GPU behave the same)", default=None)
+    skip_modules: list[str] = _help("modules kept in full precision, in addition to heads and embeddings",
+                                    default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise SpecError(f"Quant.bits must be 4 or 8, got {self.bits!r}")
+        if self.quant_type not in ("nf4", "fp4"):
+            raise SpecError(f'Quant.quant_type must be "nf4" or "fp4", got {self.quant_type!r}')
+        if self.compute_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise SpecError(f"Quant.compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
+        self.skip_modules = list(self.skip_modules)
+
+    @classmethod
+    def coerce(cls, value: Quant | str | int | None) -> Quant | None:
+        if value is None or isinstance(value, Quant):
+            return value
+        if value in ("none", "", 0):
+            return None
+        text = str(value).lower()
+        if text in ("8bit", "8", "int8"):
+            return cls(bits=8)
+        if text in ("4bit", "4", "nf4"):
+            return cls(bits=4)
+        if text == "fp4":
+            return cls(bits=4, quant_type="fp4")
+        raise SpecError(f"unknown quantization {value!r}", hint='use None, "8bit", "4bit" or lorakit.Quant(...)')
+
+
+def spec_dict(spec: Any) -> dict | None:
+    """A JSON-ready dict of a spec (for manifests and reports)."""
+    return None if spec is None else dataclasses.asdict(spec)

@@ -1,0 +1,147 @@
+"""Read `adapters_zoo/`: family presets (TOML) and bundled model configs (JSON).
+
+The zoo is data. This module only finds it, parses it, and answers
+"which preset covers this model" and "which blocks does this model have".
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import functools
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import SpecError, closest
+
+
+def zoo_dir() -> Path:
+    """`adapters_zoo/` beside the package (a checkout) or installed next to it (a wheel)."""
+    try:
+        import adapters_zoo
+
+        return Path(adapters_zoo.__file__).parent
+    except ImportError:  # running from a checkout without installing
+        return Path(__file__).resolve().parent.parent / "adapters_zoo"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model_types: tuple[str, ...]
+    blocks: tuple[str, ...]
+    embeddings: tuple[str, ...]
+    heads: tuple[str, ...]
+    train_fully: tuple[str, ...]
+    groups: dict[str, tuple[str, ...]]
+    recommended: dict[str, Any]
+    fan_in_fan_out: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def group_matches(self, group: str, relative_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(relative_name, pattern) for pattern in self.groups[group])
+
+
+def _read_preset(path: Path) -> Preset:
+    data = tomllib.loads(path.read_text())
+    known = {"model_types", "blocks", "embeddings", "heads", "train_fully", "groups", "recommended",
+             "fan_in_fan_out"}
+    return Preset(
+        name=path.stem,
+        model_types=tuple(data.get("model_types", ())),
+        blocks=tuple(data.get("blocks", ())),
+        embeddings=tuple(data.get("embeddings", ())),
+        heads=tuple(data.get("heads", ())),
+        train_fully=tuple(data.get("train_fully", ())),
+        groups={k: tuple(v) for k, v in data.get("groups", {}).items()},
+        recommended=dict(data.get("recommended", {})),
+        fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+        extra={k: v for k, v in data.items() if k not in known},
+    )
+
+
+@functools.cache
+def presets() -> dict[str, Preset]:
+    """Every preset in the zoo, by file name."""
+    return {p.stem: _read_preset(p) for p in sorted((zoo_dir() / "presets").glob("*.toml"))}
+
+
+def preset_for(model: Any = None, name: str | None = None) -> Preset:
+    """The preset named `name`, else the one covering the model's `model_type`, else `default`."""
+    table = presets()
+    if name is not None:
+        if name not in table:
+            near = closest(name, table)
+            raise SpecError(f"unknown preset {name!r}",
+                            hint=f"presets are: {', '.join(table)}" + (f"; did you mean {near[0]!r}?" if near else ""))
+        return table[name]
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    for preset in table.values():
+        if model_type in preset.model_types:
+            return preset
+    return table["default"]
+
+
+def _matches_suffix(name: str, suffix: str) -> bool:
+    return name == suffix or name.endswith("." + suffix)
+
+
+def find_block_lists(model: Any, preset: Preset) -> list[str]:
+    """Names of the ModuleLists that hold the model's repeated blocks.
+
+    The preset names them; without a preset, any outermost ModuleList whose
+    children all share one class and hold parameters counts as a block stack.
+    """
+    import torch
+
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 0]
+    if preset.blocks:
+        return [n for n, _ in lists if any(_matches_suffix(n, b) for b in preset.blocks)]
+    found: list[str] = []
+    for name, module_list in lists:
+        if any(name.startswith(f + ".") for f in found):
+            continue
+        kinds = {type(child) for child in module_list}
+        if len(kinds) == 1 and any(True for _ in module_list[0].parameters()):
+            found.append(name)
+    return found
+
+
+def block_of(name: str, block_lists: list[str]) -> tuple[str, int, str] | None:
+    """(stack, index, name relative to the block) for a module or parameter name inside a block."""
+    for stack in block_lists:
+        prefix = stack + "."
+        if name.startswith(prefix):
+            index, _, rest = name[len(prefix):].partition(".")
+            if index.isdigit():
+                return stack, int(index), rest
+    return None
+
+
+# ---- bundled configs ------------------------------------------------------
+
+def _config_file_name(model_id: str) -> str:
+    return model_id.replace("/", "--") + ".json"
+
+
+@functools.cache
+def bundled_configs() -> dict[str, Path]:
+    """Hub id -> bundled config.json path."""
+    folder = zoo_dir() / "configs"
+    return {p.stem.replace("--", "/"): p for p in sorted(folder.glob("*.json"))}
+
+
+def find_bundled_config(name: str) -> tuple[str, dict] | None:
+    """(hub id, config dict) for a bundled model, matched by full id or by its name part, any case."""
+    table = bundled_configs()
+    wanted = name.lower()
+    for model_id, path in table.items():
+        if wanted in (model_id.lower(), model_id.split("/")[-1].lower()):
+            return model_id, json.loads(path.read_text())
+    return None
+
+
+def zoo_names() -> list[str]:
+    return list(bundled_configs())
