@@ -43,7 +43,7 @@ def _imported() -> set[str]:
 
 def skip_modules(model: Any, quant: Quant, preset: Any = None) -> list[str]:
     """Modules kept in full precision: transformers' defaults (output embeddings,
-    tied weights, the last module), everything lorakit trains in full (task heads
+    tied weights, the last module, `_keep_in_fp32_modules`), everything lorakit trains in full (task heads
     and the head path), and the user's list."""
     from transformers import PreTrainedModel
     from transformers.quantizers.base import get_keys_to_not_convert
@@ -54,8 +54,31 @@ def skip_modules(model: Any, quant: Quant, preset: Any = None) -> list[str]:
     skip = set(quant.skip_modules)
     if isinstance(model, PreTrainedModel):
         skip.update(get_keys_to_not_convert(model))
+        skip.update(getattr(model, "_keep_in_fp32_modules", None) or [])
     skip.update(trained_in_full(model, preset or preset_for(model), None))
     return sorted(skip)
+
+
+def check_quantizable(model: Any) -> None:
+    require_bitsandbytes()
+    if is_quantized(model):
+        raise QuantizationError("this model is already quantized",
+                                hint="drop quant=..., or start from the full-precision model")
+
+
+def will_quantize(model: Any, quant: Quant, preset: Any = None) -> list[str]:
+    """Names of the modules `quantize` would convert (decided before anything changes)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skip = skip_modules(model, quant, preset)
+    names = [n for n, m in model.named_modules() if (type(m) is torch.nn.Linear or isinstance(m, Conv1D))
+             and should_convert_module(n, skip)]
+    if not names:
+        raise QuantizationError("this model has no Linear layer to quantize outside its heads",
+                                hint="quantization applies to Linear/Conv1D layers; drop quant=...")
+    return names
 
 
 def quantize(model: Any, quant: Quant, preset: Any = None) -> Any:
@@ -64,10 +87,7 @@ def quantize(model: Any, quant: Quant, preset: Any = None) -> Any:
     from transformers import PreTrainedModel
     from transformers.pytorch_utils import Conv1D
 
-    require_bitsandbytes()
-    if is_quantized(model):
-        raise QuantizationError("this model is already quantized", hint="drop quant=..., or start from the "
-                                "full-precision model")
+    check_quantizable(model)
     import bitsandbytes as bnb
     from peft import prepare_model_for_kbit_training
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear

