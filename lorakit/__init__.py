@@ -15,6 +15,7 @@ from .errors import (
     TargetError,
 )
 from .load import load
+from .report import Report, Row, report
 from .specs import Freeze, Lora, Quant
 from .wrap import Targets, targets, wrap
 
@@ -28,10 +29,13 @@ __all__ = [
     "ModelNotFoundError",
     "Quant",
     "QuantizationError",
+    "Report",
+    "Row",
     "SpecError",
     "TargetError",
     "Targets",
     "load",
+    "report",
     "targets",
     "wrap",
 ]

@@ -92,7 +92,7 @@ def resolve_config(model: Any, *, trust_remote_code: bool = False, revision: str
 def _build_config(build: Any, name: str) -> Any:
     try:
         return build()
-    except (ValueError, KeyError, TypeError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - any failure here comes from the user's config file
         raise LorakitError(f"transformers cannot build a config for {name}: {exc}",
                            hint="check config.json (model_type and dimensions), or upgrade transformers") from None
 
@@ -141,7 +141,7 @@ def build_from_config(config: Any, task: str | None = None, *, meta: bool = Fals
             with torch.device("meta"):
                 return cls.from_config(config, **kwargs)
         return cls.from_config(config, **kwargs)
-    except ValueError as exc:
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise LorakitError(f"cannot build a {task} model from this {config.model_type} config: {exc}",
                            hint=f"pick another task with task=... (one of {', '.join(TASKS)})") from None
 

@@ -1,0 +1,184 @@
+"""The `lorakit` command. `main(argv)` is testable without a subprocess.
+
+A user mistake prints one `error:` line and a `hint:` line, exits 2, and shows
+no traceback. Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from .errors import LorakitError, SpecError
+from .specs import Freeze, Lora, Quant
+
+
+def _atomic_write(path: Path, text: str, force: bool) -> None:
+    if path.exists() and not force:
+        raise LorakitError(f"{path} already exists", hint="pass --force to overwrite it, or choose another --output")
+    if not path.parent.is_dir():
+        raise LorakitError(f"folder {path.parent} does not exist", hint="create it first, or choose another path")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _spec_from_args(args: argparse.Namespace) -> tuple[Lora | None, Freeze | None, Quant | None]:
+    lora_flags = [f for f in ("lora_r", "lora_alpha", "lora_targets", "lora_layers", "lora_dropout")
+                  if getattr(args, f) is not None]
+    if args.no_lora and lora_flags:
+        raise SpecError(f"--no-lora contradicts --{lora_flags[0].replace('_', '-')}", hint="drop one of them")
+    freeze = Freeze.parse(args.freeze) if args.freeze else None
+    lora = None
+    if not args.no_lora and (lora_flags or freeze is None):
+        fields = {"r": args.lora_r, "alpha": args.lora_alpha, "targets": args.lora_targets,
+                  "layers": args.lora_layers, "dropout": args.lora_dropout}
+        lora = Lora(**{k: v for k, v in fields.items() if v is not None})
+    quant = Quant.coerce(args.quant)
+    if lora is None and freeze is None and quant is None:
+        raise SpecError("--no-lora leaves nothing to compare", hint="add --freeze SPEC or --quant 4bit")
+    return lora, freeze, quant
+
+
+def cmd_compare_parameters(args: argparse.Namespace) -> int:
+    from .render import FORMATS, plot
+    from .report import report
+
+    if args.depth is not None and args.by == "kind":
+        raise SpecError("--depth and --by kind contradict each other", hint="use one of them")
+    if args.plot:
+        plot_path = Path(args.plot)
+        if plot_path.suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise LorakitError(f"--plot {plot_path}: unknown image type", hint="end the name in .png or .svg")
+        if not plot_path.parent.is_dir():
+            raise LorakitError(f"--plot: folder {plot_path.parent} does not exist", hint="create it first")
+        if plot_path.exists() and not args.force:
+            raise LorakitError(f"{plot_path} already exists", hint="pass --force to overwrite it")
+    if args.output and Path(args.output).exists() and not args.force:
+        raise LorakitError(f"{args.output} already exists", hint="pass --force to overwrite it")
+    if (args.batch_size is None) != (args.seq_len is None):
+        raise SpecError("--batch-size and --seq-len go together", hint="give both, or neither")
+    lora, freeze, quant = _spec_from_args(args)
+    result = report(args.model, lora=lora, freeze=freeze, quant=quant, task=args.task, optimizer=args.optimizer,
+                    depth=args.depth, by=args.by, dtype=args.dtype, batch_size=args.batch_size,
+                    seq_len=args.seq_len, trust_remote_code=args.trust_remote_code)
+    text = FORMATS[args.format](result)
+    if args.output:
+        _atomic_write(Path(args.output), text, args.force)
+        print(f"wrote {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    if args.plot:
+        fd, tmp = tempfile.mkstemp(dir=plot_path.parent, prefix=".plot.", suffix=plot_path.suffix)
+        os.close(fd)
+        try:
+            plot(result, tmp)
+            os.replace(tmp, plot_path)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+        print(f"wrote {plot_path}", file=sys.stderr)
+    return 0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from .load import build_from_config, resolve_config
+    from .wrap import targets
+
+    config, _ = resolve_config(args.model, trust_remote_code=args.trust_remote_code)
+    model = build_from_config(config, args.task, meta=True, trust_remote_code=args.trust_remote_code)
+    lora = Lora(**{k: v for k, v in {"r": 8, "targets": args.lora_targets, "layers": args.lora_layers}.items()
+                   if v is not None})
+    print(targets(model, lora))
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    from .zoo import bundled_configs, presets
+
+    print("presets (adapters_zoo/presets):")
+    for name, preset in presets().items():
+        print(f"  {name:12s} {', '.join(preset.model_types) or '(any other model)'}")
+    print("bundled configs (adapters_zoo/configs), usable offline:")
+    for model_id in bundled_configs():
+        print(f"  {model_id}")
+    return 0
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    from .load import TASKS
+
+    parser.add_argument("model", help="local model folder, bundled zoo name (see `lorakit zoo`) or Hub id")
+    parser.add_argument("--task", choices=list(TASKS), help="which head (default: from the config)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .report import OPTIMIZERS
+
+    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA, freezing and quantization for Hugging Face "
+                                     "models: see exactly what each choice costs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    compare = sub.add_parser("compare-parameters", help="per-layer trainable parameters and training memory vs "
+                             "full fine-tuning", description="Exact per-layer report. Works offline from a config.")
+    _add_model_args(compare)
+    lora_help = {f.name: f.metadata["help"] for f in Lora.__dataclass_fields__.values()}
+    compare.add_argument("--lora-r", type=int, help=lora_help["r"] + " (default 8)")
+    compare.add_argument("--lora-alpha", type=float, help=lora_help["alpha"])
+    compare.add_argument("--lora-dropout", type=float, help=lora_help["dropout"])
+    compare.add_argument("--lora-targets", help=lora_help["targets"])
+    compare.add_argument("--lora-layers", help=lora_help["layers"])
+    compare.add_argument("--no-lora", action="store_true", help="compare freezing/quantization alone")
+    compare.add_argument("--freeze", help=Freeze.parse.__doc__.split("\n\n")[1].strip().replace("\n", " ")
+                         if Freeze.parse.__doc__ else "freeze spec")
+    compare.add_argument("--quant", default="none", choices=["none", "8bit", "4bit", "fp4"],
+                         help="bitsandbytes quantization of Linear layers")
+    compare.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                         help="dtype of the weights (default: the config's, else float32)")
+    compare.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
+    compare.add_argument("--depth", type=int, help="group by the first N parts of module names instead of layers")
+    compare.add_argument("--by", default="layer", choices=["layer", "kind"], help="rows per layer or per module kind")
+    compare.add_argument("--batch-size", type=int, help="with --seq-len: add an activation estimate")
+    compare.add_argument("--seq-len", type=int)
+    compare.add_argument("--format", default="table", choices=["table", "json", "csv", "markdown"])
+    compare.add_argument("--output", help="write to this file (atomically) instead of stdout")
+    compare.add_argument("--plot", help="also draw a bar chart to FILE.png or FILE.svg (needs matplotlib)")
+    compare.add_argument("--force", action="store_true", help="overwrite an existing --output/--plot")
+    compare.set_defaults(func=cmd_compare_parameters)
+
+    show = sub.add_parser("targets", help="the LoRA candidates of a model and what a spec would touch")
+    _add_model_args(show)
+    show.add_argument("--lora-targets")
+    show.add_argument("--lora-layers")
+    show.set_defaults(func=cmd_targets)
+
+    zoo = sub.add_parser("zoo", help="list presets and bundled configs")
+    zoo.set_defaults(func=cmd_zoo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except LorakitError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
