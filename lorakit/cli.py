@@ -16,6 +16,14 @@ from .errors import LorakitError, SpecError
 from .specs import Freeze, Lora, Quant
 
 
+def _publish(tmp: str, path: Path) -> None:
+    """Give the temp file normal permissions (mkstemp makes it 0600), then rename it into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def _atomic_write(path: Path, text: str, force: bool) -> None:
     if path.exists() and not force:
         raise LorakitError(f"{path} already exists", hint="pass --force to overwrite it, or choose another --output")
@@ -25,7 +33,7 @@ def _atomic_write(path: Path, text: str, force: bool) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -81,7 +89,7 @@ def cmd_compare_parameters(args: argparse.Namespace) -> int:
         os.close(fd)
         try:
             plot(result, tmp)
-            os.replace(tmp, plot_path)
+            _publish(tmp, plot_path)
         finally:
             Path(tmp).unlink(missing_ok=True)
         print(f"wrote {plot_path}", file=sys.stderr)

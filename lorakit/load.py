@@ -9,7 +9,10 @@ model remembers where it came from and which weights the checkpoint lacked
 
 from __future__ import annotations
 
+import functools
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +75,8 @@ def resolve_config(model: Any, *, trust_remote_code: bool = False, revision: str
     bundled = find_bundled_config(name)
     if bundled is not None:
         model_id, data = bundled
+        if "torch_dtype" in data:  # the Hub files' old key name; transformers 5 reads `dtype`
+            data = dict(data, dtype=data.pop("torch_dtype"))
         config = _build_config(lambda: AutoConfig.for_model(**{**data, **config_kwargs}), name)
         config._name_or_path = model_id
         return config, {"kind": "zoo", "id": model_id}
@@ -79,8 +84,14 @@ def resolve_config(model: Any, *, trust_remote_code: bool = False, revision: str
         raise ModelNotFoundError(f"{name} is not a model directory",
                                  hint="pass a folder that holds config.json, a zoo name or a Hub id")
     try:
-        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code,
-                                            **config_kwargs)
+        try:  # the Hub cache first: no network, no retries
+            config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code,
+                                                local_files_only=True, **config_kwargs)
+        except OSError:
+            if not hub_reachable():
+                raise
+            config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code,
+                                                **config_kwargs)
     except (OSError, ValueError) as exc:
         if "trust_remote_code" in str(exc):
             raise LorakitError(f"{name} needs custom code from its repository to build",
@@ -97,10 +108,26 @@ def _build_config(build: Any, name: str) -> Any:
                            hint="check config.json (model_type and dimensions), or upgrade transformers") from None
 
 
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP probe of the Hub endpoint, so an offline machine fails in seconds rather than
+    after huggingface_hub's retries with backoff (about 25 s)."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _not_found_message(name: str) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    where = "is switched off (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE", "0").lower() in (
+        "1", "true", "yes") else "cache does not have it" + ("" if hub_reachable() else ", and the Hub is unreachable")
     return (f"cannot find model {name!r}: it is not a local directory, not bundled in adapters_zoo, "
-            f"and the Hub {'is switched off (HF_HUB_OFFLINE=1)' if offline else 'and its local cache do not have it'}")
+            f"and the Hub {where}")
 
 
 def _not_found_hint(name: str) -> str:
@@ -175,7 +202,7 @@ def load(model: str | os.PathLike, *, task: str | None = None, quant: Quant | st
     config_only = {k: v for k, v in from_pretrained_kwargs.items() if k in ("num_labels", "id2label", "label2id")}
     config, source = resolve_config(model, trust_remote_code=trust_remote_code, revision=revision, **config_only)
     task = task or task_from_config(config)
-    where = source["id"] if source["kind"] != "zoo" else source["id"]
+    where = source["id"]
     kwargs: dict[str, Any] = dict(from_pretrained_kwargs, config=config, use_safetensors=True,
                                   trust_remote_code=trust_remote_code, revision=revision,
                                   output_loading_info=True)
@@ -183,6 +210,9 @@ def load(model: str | os.PathLike, *, task: str | None = None, quant: Quant | st
         kwargs.pop(key)
     if dtype is not None:
         kwargs["dtype"] = torch_dtype(dtype)
+    if source["kind"] in ("hub", "zoo") and not hub_reachable():
+        kwargs.setdefault("local_files_only", True)  # the cache only, without ~25 s of retries
+        kwargs.setdefault("adapter_kwargs", {"local_files_only": True})  # the Auto classes' own adapter probe
     if quant is not None:
         require_bitsandbytes()
         skeleton = build_from_config(config, task, meta=True, trust_remote_code=trust_remote_code)
@@ -196,7 +226,7 @@ def load(model: str | os.PathLike, *, task: str | None = None, quant: Quant | st
     except OSError as exc:
         if source["kind"] == "zoo":
             raise ModelNotFoundError(
-                f"{source['id']} is bundled as a config only; its weights need the Hub or its cache ({exc})",
+                f"{source['id']} is bundled as a config only; its weights need the Hub or its cache",
                 hint="use lorakit.report / compare-parameters for offline accounting, "
                      "or download the model once and pass its folder") from None
         raise ModelNotFoundError(f"cannot load weights for {where}: {exc}",
@@ -209,7 +239,7 @@ def load(model: str | os.PathLike, *, task: str | None = None, quant: Quant | st
 def _config_dtype(config: Any) -> Any:
     import torch
 
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    value = getattr(config, "dtype", None)
     return value if isinstance(value, torch.dtype) else None
 
 

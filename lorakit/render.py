@@ -111,13 +111,17 @@ def plot(report: Report, path: str) -> None:
                            hint="pip install 'lorakit[plot]' (or pip install matplotlib)") from None
     rows: list[Row] = report.rows
     positions = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.32 * len(rows) + 2), 4.8))
+    fig, ax = plt.subplots(figsize=(max(8.5, 0.32 * len(rows) + 2), 4.8))
     width = 0.42
     ax.bar([p - width / 2 for p in positions], [max(r.full_finetune_trainable_parameters, 0) for r in rows], width,
            label="full fine-tuning", color="#9aa5b1")
     ax.bar([p + width / 2 for p in positions], [r.trainable_parameters for r in rows], width,
            label="this spec", color="#d9480f")
     ax.set_yscale("log")
+    for p, row in zip(positions, rows):  # a zero has no bar on a log scale: say it
+        if row.trainable_parameters == 0:
+            ax.annotate("0", (p + width / 2, 0), xycoords=("data", "axes fraction"), xytext=(0, 2),
+                        textcoords="offset points", ha="center", fontsize=7, color="#d9480f")
     ax.set_xticks(list(positions))
     ax.set_xticklabels([r.name for r in rows], rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("trainable parameters (log)")
@@ -125,10 +129,12 @@ def plot(report: Report, path: str) -> None:
     ax.legend(fontsize=8)
     t = report.total
     fig.text(0.01, 0.01,
-             f"training memory ({report.optimizer}, weights+grads+optimizer): this spec {_bytes(t.memory_bytes)} "
-             f"vs full fine-tuning {_bytes(t.full_finetune_memory_bytes)}   |   trainable "
-             f"{t.trainable_parameters:,} vs {t.full_finetune_trainable_parameters:,}", fontsize=7.5)
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+             f"training memory ({report.optimizer}; weights + gradients + optimizer): this spec "
+             f"{_bytes(t.memory_bytes)} vs full fine-tuning {_bytes(t.full_finetune_memory_bytes)} "
+             f"(ratio {report.ratio('memory_bytes'):.3f})\ntrainable parameters: {t.trainable_parameters:,} vs "
+             f"{t.full_finetune_trainable_parameters:,} ({100 * report.ratio('trainable_parameters'):.2f}%)",
+             fontsize=7.5)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
 

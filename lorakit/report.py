@@ -425,6 +425,6 @@ def report(model_or_config: Any, *, lora: Lora | dict | int | None = None, freez
 
 
 def _default_dtype(config: Any) -> str:
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    value = getattr(config, "dtype", None)
     text = _dtype_name(value) if value is not None else "float32"
     return text if text in _DTYPE_BYTES else "float32"

@@ -1,0 +1,67 @@
+"""Helpers shared by the benchmarks: run a command in a fresh process and read its wall time and peak RSS."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def run_measured(argv: list[str], env: dict | None = None) -> tuple[float, int]:
+    """(wall seconds, peak RSS bytes) of one fresh process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv} failed: {proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss * 1024
+
+
+def alternate(a: list[str], b: list[str], repeats: int, warmup: int = 1, env: dict | None = None) -> dict:
+    """Run A and B alternately; report medians and the B/A ratios."""
+    for _ in range(warmup):
+        run_measured(a, env), run_measured(b, env)
+    runs_a, runs_b = [], []
+    for _ in range(repeats):
+        runs_a.append(run_measured(a, env))
+        runs_b.append(run_measured(b, env))
+    med = {k: (statistics.median(t for t, _ in v), statistics.median(m for _, m in v))
+           for k, v in (("a", runs_a), ("b", runs_b))}
+    return {"repeats": repeats, "a_wall_s": med["a"][0], "b_wall_s": med["b"][0],
+            "a_peak_rss_bytes": med["a"][1], "b_peak_rss_bytes": med["b"][1],
+            "wall_ratio": med["b"][0] / med["a"][0], "peak_rss_ratio": med["b"][1] / med["a"][1]}
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+            "python": sys.version.split()[0], "versions": versions}
+
+
+def save(device: str, key: str, figures: dict) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{device}.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data["environment"] = environment()
+    data[key] = figures
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    tmp.replace(path)
+    return path
