@@ -21,8 +21,31 @@ from .wrap import Targets, targets, wrap
 
 __version__ = "0.1.0"
 
+# Imported on first use: they pull in transformers.Trainer, datasets or evaluate.
+_LAZY = {
+    "LoraTrainer": "trainer", "training_args": "trainer", "load_adapter": "adapter",
+    "classification_metrics": "metrics", "load_metric": "metrics",
+    "classification_data": "data", "causal_lm_data": "data", "collator": "data",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lorakit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__ + ["__version__"])
+
+
 __all__ = [
     "AlreadyWrappedError",
+    "LoraTrainer",
     "Freeze",
     "Lora",
     "LorakitError",
@@ -34,8 +57,15 @@ __all__ = [
     "SpecError",
     "TargetError",
     "Targets",
+    "causal_lm_data",
+    "classification_data",
+    "classification_metrics",
+    "collator",
     "load",
+    "load_adapter",
+    "load_metric",
     "report",
     "targets",
+    "training_args",
     "wrap",
 ]

@@ -314,8 +314,11 @@ def wrap(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freeze | 
 
         model = get_peft_model(model, lora_config(model, lora, chosen_preset, target_names, full))
         _restore_full_training(model, plan)
+    from .adapter import fingerprint
+
     model._lorakit = {"lora": lora, "freeze": freeze, "quant": quant, "preset": chosen_preset.name,
-                      "source": source, "targets": target_names, "trained_in_full": full}
+                      "source": source, "targets": target_names, "trained_in_full": full,
+                      "fingerprint": fingerprint(model)}  # of the base as loaded, before any training
     return model
 
 

@@ -1,0 +1,211 @@
+"""`LoraTrainer`: a small `transformers.Trainer` subclass for adapters.
+
+What it adds to Trainer, and nothing else:
+  * applies `lora=` / `freeze=` / `quant=` through `wrap` when given a plain model;
+  * logs the report summary once and refuses to start with nothing trainable;
+  * after the first step, checks that every trainable parameter got a gradient
+    (and that no lora_B gradient is all zero);
+  * saves adapter-only checkpoints with a manifest, staged and renamed into
+    place, and verifies them (hashes, base) before resuming;
+  * optimizer groups: LoRA+ ratio for B, a head learning rate, no weight
+    decay on biases and norms.
+Distribution is Trainer's (accelerate): it runs unchanged under torchrun.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainingArguments
+
+from .adapter import load_trained, save_extras, verify
+from .errors import LorakitError
+from .wrap import wrap
+
+logger = logging.getLogger("lorakit")
+_STAGING = ".lorakit-staging"
+
+
+def training_args(output_dir: str, **overrides: Any) -> TrainingArguments:
+    """TrainingArguments with lorakit's defaults: on CUDA bf16 where supported, else fp16; fp32 on CPU;
+    non-reentrant gradient checkpointing when it is turned on; no external loggers."""
+    import torch
+
+    defaults: dict[str, Any] = {"report_to": "none", "save_strategy": "epoch", "eval_strategy": "epoch",
+                                "logging_strategy": "steps", "logging_steps": 10}
+    if torch.cuda.is_available():
+        defaults["bf16" if torch.cuda.is_bf16_supported() else "fp16"] = True
+    if overrides.get("gradient_checkpointing"):
+        defaults["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    return TrainingArguments(output_dir=output_dir, **{**defaults, **overrides})
+
+
+_GRADIENT_HINT = (
+    "gradients do not reach the adapters",
+    "with gradient checkpointing (above all on a k-bit model) use gradient_checkpointing_kwargs="
+    "{'use_reentrant': False} (lorakit's default) or call model.enable_input_require_grads(); "
+    "otherwise check that the targeted modules feed the loss")
+
+
+def _is_no_decay(name: str, module: Any) -> bool:
+    return name.endswith("bias") or "norm" in type(module).__name__.lower()
+
+
+class LoraTrainer(Trainer):
+    """`transformers.Trainer` for lorakit-wrapped models. Extra keyword arguments:
+
+    lora, freeze, quant: specs applied with `lorakit.wrap` when `model` is not wrapped yet.
+    loraplus_ratio: learning rate of lora_B = ratio x that of lora_A (LoRA+); None = same.
+    head_learning_rate: learning rate of modules trained in full (heads); None = args.learning_rate.
+    check_gradients: verify after the first step that every trainable parameter got a gradient.
+    """
+
+    def __init__(self, model: Any = None, args: TrainingArguments | None = None, *, lora: Any = None,
+                 freeze: Any = None, quant: Any = None, loraplus_ratio: float | None = None,
+                 head_learning_rate: float | None = None, check_gradients: bool = True, **kwargs: Any):
+        if lora is not None or freeze is not None or quant is not None:
+            model = wrap(model, lora=lora, freeze=freeze, quant=quant)
+        if model is not None and not any(p.requires_grad for p in model.parameters()):
+            raise LorakitError("nothing in this model is trainable",
+                               hint="wrap it with lora=... or freeze=..., or pass those specs to LoraTrainer")
+        if loraplus_ratio is not None and loraplus_ratio <= 0:
+            raise LorakitError(f"loraplus_ratio must be > 0, got {loraplus_ratio}", hint="LoRA+ suggests 16")
+        if args is not None and args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
+            # Reentrant checkpointing with frozen inputs leaves LoRA without gradients.
+            args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        self.loraplus_ratio, self.head_learning_rate = loraplus_ratio, head_learning_rate
+        self._gradients_to_check = check_gradients
+        super().__init__(model=model, args=args, **kwargs)
+        self._log_report()
+
+    # ---- before and during training ------------------------------------
+
+    def _log_report(self) -> None:
+        if getattr(self.model, "_lorakit", None) is None:
+            return
+        from .render import _summary
+        from .report import report
+
+        for line in _summary(report(self.model)):
+            logger.info(line)
+
+    def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> Any:
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+        except RuntimeError as exc:
+            if "does not require grad" not in str(exc):
+                raise
+            raise LorakitError("the loss does not depend on any trainable parameter: " + _GRADIENT_HINT[0],
+                               hint=_GRADIENT_HINT[1]) from None
+        if self._gradients_to_check:
+            self._gradients_to_check = False
+            self.check_gradients()
+        return loss
+
+    def check_gradients(self) -> None:
+        """Raise if a trainable parameter got no gradient, or a lora_B gradient is all zero."""
+        missing, dead = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            if param.grad is None:
+                missing.append(name)
+            elif "lora_B" in name and not param.grad.any():
+                dead.append(name)
+        if missing or dead:
+            names = missing or dead
+            raise LorakitError(
+                f"after the first step {len(names)} trainable parameters "
+                f"{'received no gradient' if missing else 'have an all-zero lora_B gradient'}, e.g. {names[0]}; "
+                "training would leave them untouched", hint=_GRADIENT_HINT[1])
+
+    def create_optimizer(self, model: Any = None) -> Any:
+        if self.optimizer is not None:
+            return self.optimizer
+        target = model if model is not None else self.model
+        modules = dict(target.named_modules())
+        lr = self.args.learning_rate
+        groups: dict[tuple[float, float], list] = {}
+        for name, param in target.named_parameters():
+            if not param.requires_grad:
+                continue
+            module = modules[name.rpartition(".")[0]]
+            if "lora_B" in name and self.loraplus_ratio:
+                rate = lr * self.loraplus_ratio
+            elif "lora_" in name:
+                rate = lr
+            else:
+                rate = self.head_learning_rate or lr
+            decay = 0.0 if _is_no_decay(name, module) else self.args.weight_decay
+            groups.setdefault((rate, decay), []).append(param)
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, target)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls([{"params": params, "lr": rate, "weight_decay": decay}
+                                        for (rate, decay), params in groups.items()], lr=lr, **optimizer_kwargs)
+        return self.optimizer
+
+    # ---- checkpoints ----------------------------------------------------
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if hasattr(model, "peft_config"):
+            super()._save(output_dir, state_dict)  # peft's save_pretrained: the adapter only
+        elif self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            config = getattr(model, "config", None)
+            if config is not None:
+                config.save_pretrained(output_dir)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+        if self.args.should_save:
+            save_extras(model, output_dir)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, _STAGING) if getattr(self, "_staging", False) else run_dir
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        """Trainer's checkpoint, written into a staging folder and renamed into place when complete:
+        a process killed mid-save leaves the last complete checkpoint as it was."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        run_dir = super()._get_output_dir(trial)
+        staging = Path(run_dir) / _STAGING
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)  # left over from a killed run
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging = False
+        if self.args.should_save:
+            final = Path(run_dir) / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging / name, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            if self.state.best_model_checkpoint:
+                self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
+                    str(staging), str(run_dir))
+                self.state.save_to_json(str(final / "trainer_state.json"))
+            from transformers.trainer_utils import rotate_checkpoints
+
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
+        if self.args.parallel_mode.value == "distributed":
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        target = model if model is not None else self.model
+        verify(resume_from_checkpoint, self.accelerator.unwrap_model(target))
+        if hasattr(self.accelerator.unwrap_model(target), "peft_config"):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_trained(self.accelerator.unwrap_model(target), Path(resume_from_checkpoint))
