@@ -119,6 +119,15 @@ def save_extras(model: Any, folder: str | Path) -> None:
         "files": files, "versions": versions(),
     }
     manifest["base"].pop("missing_keys", None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        # the task model's config (architectures, labels): a merge writes it, since the base
+        # checkpoint may be a bare encoder (MiniLM is saved as BertModel)
+        task_config = config.to_dict()
+        task_config["architectures"] = [type(base).__name__]
+        task_config.pop("quantization_config", None)
+        manifest["config"] = task_config
     write_json_atomic(folder / MANIFEST, manifest)
 
 

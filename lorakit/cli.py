@@ -108,6 +108,29 @@ def cmd_targets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(args: argparse.Namespace) -> int:
+    from .merge import merge
+
+    weights = None
+    if args.weights:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise SpecError(f"--weights {args.weights!r} is not a list of numbers", hint="e.g. --weights 0.7,0.3"
+                            ) from None
+    report = merge(args.base, args.adapter, args.out, weights=weights, method=args.method, dtype=args.dtype,
+                   verify=not args.no_verify, force=args.force, into=args.into)
+    check = report["verification"]
+    print(f"wrote {args.out} ({report['path']}, {report['merged_layers']} layers, {report['wall_seconds']:.1f} s)")
+    if check:
+        print(f"verified: max |logit difference| {check['max_abs_logit_difference']:.2e} "
+              f"(tolerance {check['tolerance']:.0e})")
+        if "quantization_gap" in check:
+            print(f"quantization cost: adapter on its quantized base vs merged full precision: "
+                  f"{check['quantization_gap']['max_abs_logit_difference']:.3g}")
+    return 0
+
+
 def cmd_zoo(args: argparse.Namespace) -> int:
     from .zoo import bundled_configs, presets
 
@@ -167,6 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--lora-targets")
     show.add_argument("--lora-layers")
     show.set_defaults(func=cmd_targets)
+
+    from .merge import METHODS
+
+    merge = sub.add_parser("merge", help="fold adapters into the base weights: a plain transformers checkpoint")
+    merge.add_argument("--base", help="base model (default: the one in the adapter's manifest)")
+    merge.add_argument("--adapter", action="append", required=True, help="adapter folder; repeat for several")
+    merge.add_argument("--weights", help="one weight per adapter, e.g. 0.7,0.3")
+    merge.add_argument("--method", default="linear", choices=list(METHODS), help="peft's add_weighted_adapter method")
+    merge.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
+    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the merged weights")
+    merge.add_argument("--into", default="original", choices=["original", "dequantized"],
+                       help="for adapters trained on a k-bit base: the original weights, or the dequantized ones")
+    merge.add_argument("--no-verify", action="store_true", help="skip the logits check against base + adapter")
+    merge.add_argument("--force", action="store_true", help="replace an existing --out")
+    merge.set_defaults(func=cmd_merge)
 
     zoo = sub.add_parser("zoo", help="list presets and bundled configs")
     zoo.set_defaults(func=cmd_zoo)

@@ -189,3 +189,12 @@ def test_killed_mid_save_leaves_last_complete_checkpoint(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
     lorakit.adapter.verify(tmp_path / "checkpoint-2")  # complete and consistent
     assert not (tmp_path / "checkpoint-4").exists()
+
+
+def test_causal_lm_lora_on_4bit_base_learns_and_generates(tmp_path):
+    sys.path.insert(0, str(HERE.parent / "examples"))
+    from causal_lm_4bit import train_and_generate
+
+    text = train_and_generate(str(tmp_path), steps=120)
+    assert text.startswith("the drug worked")
+    assert text == "the drug worked well with no side effects"

@@ -45,7 +45,10 @@ def classification_metrics(names: tuple[str, ...] = OFFLINE_METRICS, *, average:
     metrics = {name: load_metric(name, offline=offline) for name in names}
 
     def compute(eval_prediction: Any) -> dict[str, float]:
-        logits, labels = eval_prediction[:2]
+        if hasattr(eval_prediction, "predictions"):  # transformers.EvalPrediction
+            logits, labels = eval_prediction.predictions, eval_prediction.label_ids
+        else:
+            logits, labels = eval_prediction[0], eval_prediction[1]
         logits = logits[0] if isinstance(logits, tuple) else logits
         predictions = np.argmax(logits, axis=-1)
         results: dict[str, float] = {}

@@ -1,0 +1,97 @@
+"""Data helpers (datasets -> tokenized sets) and the offline evaluate metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import minilm_path
+
+import lorakit
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(minilm_path())
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_csv_tsv_json_and_parquet_give_the_same_tokenized_rows(tmp_path, tokenizer):
+    import datasets
+
+    rows = {"text": ["good stuff", "awful", "meh it is ok"], "label": ["positive", "negative", "neutral"]}
+    table = datasets.Dataset.from_dict(rows)
+    table.to_csv(str(tmp_path / "d.csv"), index=False)
+    table.to_csv(str(tmp_path / "d.tsv"), index=False, sep="\t")
+    table.to_json(str(tmp_path / "d.jsonl"))
+    table.to_parquet(str(tmp_path / "d.parquet"))
+    results = [lorakit.classification_data(tmp_path / f"d.{ext}", tokenizer)
+               for ext in ("csv", "tsv", "jsonl", "parquet")]
+    for data, names in results:
+        assert names == ["negative", "neutral", "positive"]  # sorted when not given
+        assert data["labels"] == [2, 0, 1]
+        assert data["input_ids"] == results[0][0]["input_ids"]
+    assert data["input_ids"][0][0] == tokenizer.cls_token_id
+
+
+def test_missing_column_lists_what_exists(tmp_path, tokenizer):
+    path = write(tmp_path / "d.csv", "review,rating\nfine,positive\n")
+    with pytest.raises(lorakit.LorakitError, match="review, rating"):
+        lorakit.classification_data(path, tokenizer)
+
+
+def test_labels_outside_num_labels_and_empty_data(tmp_path, tokenizer):
+    path = write(tmp_path / "d.csv", "text,label\na,0\nb,3\n")
+    with pytest.raises(lorakit.LorakitError, match=r"outside num_labels=3"):
+        lorakit.classification_data(path, tokenizer, num_labels=3)
+    with pytest.raises(lorakit.LorakitError, match="not in the label list"):
+        lorakit.classification_data(write(tmp_path / "e.csv", "text,label\na,good\n"), tokenizer, labels=["bad"])
+    with pytest.raises(lorakit.LorakitError, match="empty"):
+        lorakit.classification_data(write(tmp_path / "f.csv", "text,label\n"), tokenizer)
+
+
+def test_tokenizer_without_pad_token_gets_eos_and_says_so(caplog):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"</s>": 0, "hello": 1, "world": 2, "[UNK]": 3}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="</s>", unk_token="[UNK]")
+    assert tok.pad_token is None
+    data = lorakit.causal_lm_data(_table(), tok, max_length=4, pack=True)
+    assert tok.pad_token == "</s>" and "no pad token" in caplog.text
+    assert all(len(ids) == 4 for ids in data["input_ids"])
+    batch = lorakit.collator(tok, "causal-lm")([{"input_ids": [1, 2]}, {"input_ids": [1]}])
+    assert batch["input_ids"].shape == (2, 2) and batch["labels"][1, 1] == -100
+
+
+def _table():
+    import datasets
+
+    return datasets.Dataset.from_dict({"text": ["hello world hello", "world hello world world", "hello"]})
+
+
+def test_offline_metrics_match_hand_computation():
+    from transformers import EvalPrediction
+
+    compute = lorakit.classification_metrics(offline=True)
+    logits = np.eye(3)[[0, 1, 2, 0, 2]]
+    labels = np.array([0, 1, 1, 0, 2])
+    result = compute(EvalPrediction(predictions=logits, label_ids=labels))
+    # per class (precision, recall): 0 -> (1, 1); 1 -> (1, 1/2); 2 -> (1/2, 1)
+    assert result["accuracy"] == pytest.approx(4 / 5)
+    assert result["precision"] == pytest.approx((1 + 1 + 0.5) / 3)
+    assert result["recall"] == pytest.approx((1 + 0.5 + 1) / 3)
+    f1 = [1.0, 2 * 0.5 / 1.5, 2 * 0.5 / 1.5]
+    assert result["f1"] == pytest.approx(sum(f1) / 3)
+
+
+def test_metric_that_needs_the_hub_is_a_clear_error():
+    with pytest.raises(lorakit.LorakitError, match="offline metrics are"):
+        lorakit.load_metric("bleu", offline=True)
