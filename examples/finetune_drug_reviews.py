@@ -63,14 +63,15 @@ def model_path() -> str:
 
 
 def run_row(name: str, output_dir: Path, seed: int = 0, batch_size: int = 16, max_length: int = 128,
-            epochs: int | None = None) -> dict:
+            epochs: int | None = None, learning_rate: float | None = None) -> dict:
     """Train one row and return its metrics."""
     import datasets
     from transformers import AutoTokenizer
 
     import lorakit
 
-    _, specs, learning_rate, row_epochs = ROWS[name]
+    _, specs, row_learning_rate, row_epochs = ROWS[name]
+    learning_rate = learning_rate or row_learning_rate
     reviews = read_reviews()
     tokenizer = AutoTokenizer.from_pretrained(model_path())
     train, _ = lorakit.classification_data(datasets.Dataset.from_dict(reviews["train"]), tokenizer,
@@ -165,6 +166,7 @@ def main() -> None:
     parser.add_argument("--rows", default=",".join(ROWS), help="rows of the full table, comma separated")
     parser.add_argument("--out", default=str(ROOT / "examples" / "results"), help="where the table goes")
     parser.add_argument("--epochs", type=int, help="override every row's epochs")
+    parser.add_argument("--lr", type=float, help="override the learning rate (with --row)")
     parser.add_argument("--save-zoo", action="store_true", help="copy the LoRA adapter into adapters_zoo/")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -173,7 +175,7 @@ def main() -> None:
         return
     if args.row:
         with tempfile.TemporaryDirectory() as tmp:
-            result = run_row(args.row, Path(tmp), epochs=args.epochs)
+            result = run_row(args.row, Path(tmp), epochs=args.epochs, learning_rate=args.lr)
             if args.row == "lora" and args.save_zoo:
                 save_to_zoo(Path(result["saved"]), result)
         print("RESULT " + json.dumps(result))

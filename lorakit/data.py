@@ -32,7 +32,12 @@ def load_table(source: Any, split: str = "train") -> Any:
             raise LorakitError(f"cannot read {path.name}: unknown file type",
                                hint=f"use one of {', '.join(_BUILDERS)}")
         builder, kwargs = _BUILDERS[path.suffix.lower()]
-        return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        try:
+            return datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        except ValueError as exc:
+            if "no data" in str(exc):
+                raise LorakitError(f"the dataset {path.name} is empty", hint="check the file") from None
+            raise LorakitError(f"cannot read {path.name}: {exc}", hint="check the file's format") from None
     if path.is_dir():
         return datasets.load_dataset(str(path), split=split)
     try:

@@ -181,9 +181,10 @@ def bnb_config(quant: Quant, skip: list[str], model_dtype: Any) -> Any:
     compute = torch_dtype(quant.compute_dtype) or model_dtype or torch.float32
     if quant.bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    storage = {"uint8": torch.uint8, None: torch.uint8}.get(quant.quant_storage) or torch_dtype(quant.quant_storage)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
                               bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=compute,
-                              llm_int8_skip_modules=skip)
+                              bnb_4bit_quant_storage=storage, llm_int8_skip_modules=skip)
 
 
 def load(model: str | os.PathLike, *, task: str | None = None, quant: Quant | str | None = None,

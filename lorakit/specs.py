@@ -239,6 +239,8 @@ class Quant:
                                       "(so CPU and GPU behave the same)", default=None)
     skip_modules: list[str] = _help("modules kept in full precision, in addition to heads and embeddings",
                                     default_factory=list)
+    quant_storage: str | None = _help('dtype the packed 4-bit weights are stored in (bitsandbytes quant_storage); '
+                                      'set "bfloat16" for FSDP, which shards all parameters alike', default=None)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8):
@@ -247,6 +249,9 @@ class Quant:
             raise SpecError(f'Quant.quant_type must be "nf4" or "fp4", got {self.quant_type!r}')
         if self.compute_dtype not in (None, "float32", "bfloat16", "float16"):
             raise SpecError(f"Quant.compute_dtype must be float32, bfloat16 or float16, got {self.compute_dtype!r}")
+        if self.quant_storage not in (None, "uint8", "float32", "bfloat16", "float16"):
+            raise SpecError(f"Quant.quant_storage must be uint8, float32, bfloat16 or float16, "
+                            f"got {self.quant_storage!r}")
         self.skip_modules = list(self.skip_modules)
 
     @classmethod

@@ -24,7 +24,7 @@ from transformers import Trainer, TrainingArguments
 
 from .adapter import load_trained, save_extras, verify
 from .errors import LorakitError
-from .wrap import wrap
+from .wrap import model_task, wrap
 
 logger = logging.getLogger("lorakit")
 _STAGING = ".lorakit-staging"
@@ -44,6 +44,8 @@ def training_args(output_dir: str, **overrides: Any) -> TrainingArguments:
     return TrainingArguments(output_dir=output_dir, **{**defaults, **overrides})
 
 
+# Tasks whose transformers losses divide by num_items_in_batch (token-level averaging across devices).
+_TOKEN_AVERAGED_TASKS = ("causal-lm", "seq2seq", "masked-lm")
 _GRADIENT_HINT = (
     "gradients do not reach the adapters",
     "with gradient checkpointing (above all on a k-bit model) use gradient_checkpointing_kwargs="
@@ -80,6 +82,12 @@ class LoraTrainer(Trainer):
         self.loraplus_ratio, self.head_learning_rate = loraplus_ratio, head_learning_rate
         self._gradients_to_check = check_gradients
         super().__init__(model=model, args=args, **kwargs)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if model_task(base) not in _TOKEN_AVERAGED_TASKS:
+            # Trainer multiplies the loss by the number of processes for any model whose forward takes
+            # **kwargs, expecting it to divide by num_items_in_batch; classification heads compute a plain
+            # mean instead (BERT), so under DDP their gradients came out world_size times too large.
+            self.model_accepts_loss_kwargs = False
         self._log_report()
 
     # ---- before and during training ------------------------------------
