@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from . import compare_parameters, merge
-from .common import RESULTS, environment, save
+from .common import environment, save
 
 WORKER = [sys.executable, "-m", "benchmarks.worker"]
 

@@ -95,8 +95,6 @@ def _scale(config: dict, module: str, rank: int) -> float:
 
 def _delta(parts: dict, base_shape: tuple, fan_in_fan_out: bool, scale: float) -> Any:
     """B·A·scale in fp32, shaped like the base weight (Linear, Conv1D, Conv2d, Embedding)."""
-    import torch
-
     if "lora_embedding_A" in parts:
         a, b = parts["lora_embedding_A"].float(), parts["lora_embedding_B"].float()
         return (b @ a).T * scale

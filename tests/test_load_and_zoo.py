@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import BUILDERS, build, minilm_path, sample_inputs
+from conftest import BUILDERS, build, minilm_path
 
 import lorakit
 from lorakit import zoo
