@@ -15,16 +15,41 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 
+# A child's ru_maxrss starts from its parent's high-water mark at fork (Linux keeps it across
+# exec), so a benchmark whose parent holds a model would see that model in every child. VmHWM
+# belongs to the new address space that exec creates: read it inside the child at exit.
+PEAK = ("import atexit, sys\n"
+        "def _peak():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmHWM:'):\n"
+        "            sys.stderr.write(f'PEAK_RSS_KB {line.split()[1]}\\n')\n"
+        "atexit.register(_peak)\n")
+
+
+def peak_rss_bytes() -> int:
+    """This process's own peak RSS (VmHWM), not counting what a parent held before exec."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def python_code(code: str) -> list[str]:
+    """argv running `code` in a fresh Python that reports its own peak RSS."""
+    return [sys.executable, "-c", PEAK + code]
+
+
 def run_measured(argv: list[str], env: dict | None = None) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of one fresh process."""
+    """(wall seconds, peak RSS bytes) of one fresh process started with `python_code`."""
     start = time.perf_counter()
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
+    done = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     wall = time.perf_counter() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{argv} failed: {proc.stderr.read().decode()[-2000:]}")
-    return wall, usage.ru_maxrss * 1024
+    err = done.stderr.decode()
+    if done.returncode != 0:
+        raise RuntimeError(f"{argv[:3]} failed: {err[-2000:]}")
+    peak = [int(line.split()[1]) for line in err.splitlines() if line.startswith("PEAK_RSS_KB")]
+    return wall, peak[-1] * 1024
 
 
 def alternate(a: list[str], b: list[str], repeats: int, warmup: int = 1, env: dict | None = None) -> dict:

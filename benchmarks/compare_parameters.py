@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
-import sys
 from pathlib import Path
 
-from .common import alternate, save
+from .common import alternate, python_code, save
 
 CONFIG = Path(__file__).parent.parent / "adapters_zoo" / "configs" / "meta-llama--Llama-3.1-70B.json"
 BARE = f"""
@@ -34,11 +32,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args(argv)
-    lorakit_bin = shutil.which("lorakit") or str(Path(sys.executable).parent / "lorakit")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    figures = alternate([sys.executable, "-c", BARE],
-                        [lorakit_bin, "compare-parameters", "meta-llama/Llama-3.1-70B", "--quant", "4bit"],
-                        repeats=args.repeats, env=env)
+    # the console script's own code path: lorakit.cli.main, as `lorakit compare-parameters` runs it
+    cli = ("import sys\nfrom lorakit.cli import main\n"
+           "rc = main(['compare-parameters', 'meta-llama/Llama-3.1-70B', '--quant', '4bit'])\n"
+           "sys.stdout.flush()\n")
+    figures = alternate(python_code(BARE), python_code(cli), repeats=args.repeats, env=env)
     figures["targets"] = {"wall_ratio": 1.3, "b_peak_rss_bytes": 1e9}
     path = save("cpu", "compare_parameters_70b", figures)
     print(f"bare meta build {figures['a_wall_s']:.2f} s, lorakit {figures['b_wall_s']:.2f} s, "

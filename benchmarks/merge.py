@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-from .common import alternate, save
+from .common import alternate, python_code, save
 
 BASELINE = """
 import sys, torch
@@ -64,15 +65,18 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    base, adapter = prepare(workdir)
+    # built in a child process: the parent stays small
+    subprocess.run([sys.executable, "-c", f"from benchmarks.merge import prepare; from pathlib import Path; "
+                    f"prepare(Path({str(workdir)!r}))"], check=True, cwd=Path(__file__).parent.parent)
+    base, adapter = workdir / "base", workdir / "adapter"
     size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
     shards = len(list(base.glob("*.safetensors")))
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     out_a, out_b = workdir / "out-baseline", workdir / "out-streamed"
     for out in (out_a, out_b):
         shutil.rmtree(out, ignore_errors=True)
-    figures = alternate([sys.executable, "-c", BASELINE, str(base), str(adapter), str(out_a)],
-                        [sys.executable, "-c", STREAMED, str(base), str(adapter), str(out_b)],
+    figures = alternate(python_code(BASELINE) + [str(base), str(adapter), str(out_a)],
+                        python_code(STREAMED) + [str(base), str(adapter), str(out_b)],
                         repeats=args.repeats, warmup=0, env=env)
     figures.update({"base_bytes": size, "base_shards": shards, "targets": {"wall_ratio": 0.8, "peak_rss_ratio": 0.5},
                     "note": "A: from_pretrained + PeftModel + merge_and_unload + save_pretrained; "

@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import time
+
+from benchmarks.common import peak_rss_bytes
 
 SIZES = {  # Llama built from a config; "100m" is ~110M parameters
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -118,7 +119,7 @@ def main() -> None:
     trainer = trainer_cls(model=model, args=train_args, train_dataset=data, callbacks=[Clock()], **extra)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainer.train()
-    measured = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    measured = peak_rss_bytes()  # VmHWM: not the parent's high-water mark that ru_maxrss inherits
     if args.mode in ("full", "lora", "lora4bit"):
         # predicted from the config alone (meta device), as compare-parameters would
         report = lorakit.report(LlamaConfig(**size, architectures=["LlamaForCausalLM"]), lora=lora,
