@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "LoraTrainer": "trainer", "training_args": "trainer", "load_adapter": "adapter",
     "classification_metrics": "metrics", "load_metric": "metrics",
-    "classification_data": "data", "causal_lm_data": "data", "collator": "data", "merge": "merge",
+    "classification_data": "data", "causal_lm_data": "data", "collator": "data", "merge": "merging",
 }
 
 

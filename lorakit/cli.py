@@ -109,7 +109,7 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .merge import merge
+    from .merging import merge
 
     weights = None
     if args.weights:
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--lora-layers")
     show.set_defaults(func=cmd_targets)
 
-    from .merge import METHODS
+    from .merging import METHODS
 
     merge = sub.add_parser("merge", help="fold adapters into the base weights: a plain transformers checkpoint")
     merge.add_argument("--base", help="base model (default: the one in the adapter's manifest)")

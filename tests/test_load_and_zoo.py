@@ -116,3 +116,12 @@ def test_real_minilm_loads_wraps_and_trains():
     assert losses[-1] < losses[0]
     lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert all(p.abs().sum() > 0 for p in lora_b)
+
+
+def test_importing_submodules_never_shadows_public_functions():
+    import importlib
+
+    for name in ("merging", "trainer", "adapter", "data", "metrics", "report", "load", "wrap", "cli"):
+        importlib.import_module(f"lorakit.{name}")
+    for name in lorakit.__all__:
+        assert type(getattr(lorakit, name)).__name__ != "module", name

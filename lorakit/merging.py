@@ -278,11 +278,15 @@ def _shard_files(folder: Path) -> list[str]:
     return ["model.safetensors"]
 
 
+OUTPUT_SHARD_BYTES = 128 * 2**20  # flush written tensors at this size: bounds what is held at once
+
+
 def _streamed(base_dir: Path, adapter: dict, staging: Path, task_config: Any, dtype: str | None,
               into: str) -> dict:
-    import torch
+    """Tensor by tensor: open, merge if it is a LoRA target, buffer, and write the buffer out as an
+    output shard whenever it reaches OUTPUT_SHARD_BYTES. Opening the input per tensor keeps only that
+    tensor's pages of the memory-mapped file resident."""
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     from .load import build_from_config
 
@@ -294,69 +298,104 @@ def _streamed(base_dir: Path, adapter: dict, staging: Path, task_config: Any, dt
     pending = {f"{module}.weight": module for module in lora}
     fan_in_fan_out = bool(adapter["config"].get("fan_in_fan_out"))
     quantized = _quantized_weights(adapter, task_config) if into == "dequantized" else set()
-    out_dtype = None
-    shards = _shard_files(base_dir)
-    weight_map, total_size, merged = {}, 0, []
-    for number, shard in enumerate(shards, start=1):
-        tensors = {}
+    target_dtype = _dtype(dtype)
+    writer = _ShardWriter(staging)
+    out_dtype, merged = None, []
+    for shard in _shard_files(base_dir):
+        path = str(base_dir / shard)
         try:
-            handle = safe_open(str(base_dir / shard), "pt")
-        except Exception as exc:  # noqa: BLE001
+            with safe_open(path, "pt") as handle:
+                keys = list(handle.keys())
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
             raise LorakitError(f"{base_dir / shard} is corrupt or truncated ({exc})",
                                hint="re-download the base model") from None
-        with handle:
-            for key in handle.keys():
-                name = _task_key(key, expected, prefix)
-                if name is None:
-                    continue  # transformers would drop it too (e.g. a pooler the task model lacks)
+        for key in keys:
+            name = _task_key(key, expected, prefix)
+            if name is None:
+                continue  # transformers would drop it too (e.g. a pooler the task model lacks)
+            with safe_open(path, "pt") as handle:
                 tensor = handle.get_tensor(key)
-                out_dtype = out_dtype or (tensor.dtype if tensor.is_floating_point() else None)
-                if name in pending:
-                    module = pending.pop(name)
-                    rank = lora[module].get("lora_A", lora[module].get("lora_embedding_A")).shape[0]
-                    weight = tensor.float()
-                    if name in quantized:
-                        weight = _dequantized(weight, adapter)
-                    delta = _delta(lora[module], tuple(weight.shape), fan_in_fan_out,
-                                   _scale(adapter["config"], module, rank))
-                    if delta.shape != weight.shape:
-                        raise LorakitError(f"adapter layer {module} has shape {tuple(delta.shape)} but the base's "
-                                           f"is {tuple(weight.shape)}", hint="this adapter was trained on another base")
-                    tensor = (weight + delta).to(tensor.dtype)
-                    merged.append(module)
-                if name in full:
-                    tensor = full.pop(name).to(tensor.dtype)
-                tensors[name] = tensor
-        if number == len(shards):
-            tensors.update(full)  # modules the base checkpoint lacked (a new head)
-            full = {}
-        target_dtype = _dtype(dtype)
-        for name, tensor in tensors.items():
-            if tensor.is_floating_point():
-                if not torch.isfinite(tensor).all():
-                    raise LorakitError(f"merged weight {name} has NaN or Inf values",
-                                       hint="the adapter is broken (diverged training?); do not deploy it")
-                if target_dtype is not None:
-                    tensors[name] = tensor.to(target_dtype)
-        file = "model.safetensors" if len(shards) == 1 else f"model-{number:05d}-of-{len(shards):05d}.safetensors"
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(staging / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(tensors, file))
-        total_size += sum(t.numel() * t.element_size() for t in tensors.values())
-        del tensors
+            out_dtype = out_dtype or (tensor.dtype if tensor.is_floating_point() else None)
+            if name in pending:
+                module = pending.pop(name)
+                rank = lora[module].get("lora_A", lora[module].get("lora_embedding_A")).shape[0]
+                weight = tensor.float()
+                if name in quantized:
+                    weight = _dequantized(weight, adapter)
+                delta = _delta(lora[module], tuple(weight.shape), fan_in_fan_out,
+                               _scale(adapter["config"], module, rank))
+                if delta.shape != weight.shape:
+                    raise LorakitError(f"adapter layer {module} has shape {tuple(delta.shape)} but the base's "
+                                       f"is {tuple(weight.shape)}", hint="this adapter was trained on another base")
+                tensor = (weight + delta).to(tensor.dtype)
+                del weight, delta
+                merged.append(module)
+            if name in full:
+                tensor = full.pop(name).to(tensor.dtype)
+            writer.add(name, _checked(name, tensor, target_dtype))
     if pending:
         missing = sorted(pending.values())
         raise LorakitError(f"the adapter targets {len(missing)} modules the base lacks, e.g. {missing[0]}",
                            hint="this adapter was trained on another base")
-    if len(shards) > 1:
-        write_json_atomic(staging / "model.safetensors.index.json",
-                          {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    for name, tensor in full.items():  # modules the base checkpoint lacked (a new head)
+        writer.add(name, _checked(name, tensor, target_dtype))
+    writer.close()
     config = task_config
-    final_dtype = _dtype(dtype) or out_dtype
+    final_dtype = target_dtype or out_dtype
     config.dtype = final_dtype
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.save_pretrained(str(staging))
     return {"dtype": str(final_dtype).removeprefix("torch."), "merged_layers": len(merged)}
+
+
+def _checked(name: str, tensor: Any, target_dtype: Any) -> Any:
+    import torch
+
+    if tensor.is_floating_point():
+        if not torch.isfinite(tensor).all():
+            raise LorakitError(f"merged weight {name} has NaN or Inf values",
+                               hint="the adapter is broken (diverged training?); do not deploy it")
+        if target_dtype is not None:
+            tensor = tensor.to(target_dtype)
+    return tensor.contiguous()
+
+
+class _ShardWriter:
+    """Writes tensors into model-0000i-of-0000N.safetensors files of about OUTPUT_SHARD_BYTES,
+    then names them and writes the index (or a single model.safetensors) on close."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.buffer, self.size, self.parts, self.total = folder, {}, 0, [], 0
+
+    def add(self, name: str, tensor: Any) -> None:
+        self.buffer[name] = tensor
+        self.size += tensor.numel() * tensor.element_size()
+        if self.size >= OUTPUT_SHARD_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.buffer:
+            return
+        part = self.folder / f".part-{len(self.parts):05d}.safetensors"
+        save_file(self.buffer, str(part), metadata={"format": "pt"})
+        self.parts.append((part, list(self.buffer)))
+        self.total += self.size
+        self.buffer, self.size = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        count = len(self.parts)
+        weight_map = {}
+        for number, (part, names) in enumerate(self.parts, start=1):
+            file = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
+            os.replace(part, self.folder / file)
+            weight_map.update(dict.fromkeys(names, file))
+        if count > 1:
+            write_json_atomic(self.folder / "model.safetensors.index.json",
+                              {"metadata": {"total_size": self.total}, "weight_map": weight_map})
 
 
 def _dtype(dtype: str | None) -> Any:
