@@ -26,11 +26,23 @@ TRAINED = "lorakit_trained.safetensors"
 _PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
+def peft_role(name: str) -> tuple[str, str]:
+    """(role, name in the unwrapped base) of a parameter or module name of a peft-wrapped model.
+
+    role is "lora" (adapter weights, named by the module they adapt), "copy" (a modules_to_save
+    copy, named by the module it copies) or "base"."""
+    stripped = name.removeprefix("base_model.model.")
+    if "lora_" in stripped:
+        return "lora", stripped.split(".lora_")[0]
+    if ".modules_to_save." in stripped:
+        return "copy", stripped.split(".modules_to_save")[0]
+    return "base", stripped.replace(".base_layer", "").replace(".original_module", "")
+
+
 def base_name(name: str) -> str | None:
     """A parameter's name in the unwrapped base model, or None for peft's own (LoRA, copies)."""
-    if "lora_" in name or ".modules_to_save." in name:
-        return None
-    return name.removeprefix("base_model.model.").replace(".base_layer", "").replace(".original_module", "")
+    role, original = peft_role(name)
+    return original if role == "base" else None
 
 
 def fingerprint(model: Any) -> dict:

@@ -161,15 +161,11 @@ def _real_records(model: Any) -> list[_Record]:
     # Full fine-tuning stores quantized weights unquantized, like the model's other weights.
     float_element = next((p.element_size() for n, p in model.named_parameters()
                           if p.is_floating_point() and "lora_" not in n), 4)
+    from .adapter import peft_role
+
     for name, param in model.named_parameters():
         module_path = name.rpartition(".")[0]
-        role = "lora" if "lora_" in name else "copy" if ".modules_to_save." in name else "base"
-        base_path = (module_path.removeprefix("base_model.model.").replace(".base_layer", "")
-                     .replace(".original_module", ""))
-        if role == "lora":
-            base_path = base_path.split(".lora_")[0]
-        elif role == "copy":
-            base_path = base_path.split(".modules_to_save")[0]
+        role, base_path = peft_role(module_path)
         module = modules[module_path]
         state = getattr(param, "quant_state", None)
         if state is not None:  # Params4bit: count real parameters, not packed bytes
@@ -238,11 +234,7 @@ def _predicted_records(model: Any, lora: Lora | None, freeze: Freeze | None, qua
         quantized = set(will_quantize(model, quant, preset))
     modules = dict(model.named_modules())
     records = []
-    seen = set()
-    for name, param in model.named_parameters(remove_duplicate=True):
-        if id(param) in seen:
-            continue
-        seen.add(id(param))
+    for name, param in model.named_parameters():  # tied weights once, as peft counts them
         module_path, _, leaf = name.rpartition(".")
         module = modules[module_path]
         element = 4 if quant is not None else param.element_size()  # prepare_model_for_kbit_training upcasts
@@ -277,8 +269,8 @@ def _is_conv1d(module: Any) -> bool:
 
 # ---- grouping --------------------------------------------------------------
 
-def _layer_name(module_path: str, model: Any, preset: Any, heads: list[str], depth: int | None,
-                block_lists: list[str], embeddings: list[str]) -> str:
+def _layer_name(module_path: str, heads: list[str], depth: int | None, block_lists: list[str],
+                embeddings: list[str]) -> str:
     from .zoo import block_of
 
     if depth is not None:
@@ -404,7 +396,7 @@ def report(model_or_config: Any, *, lora: Lora | dict | int | None = None, freez
     else:
         order = ["embeddings"] + [f"{s}.{i}" for s in block_lists for i in range(len(modules[s]))] + [
             "head", "other"]
-        rows = _group(records, lambda r: _layer_name(r.module, base, chosen, heads, depth, block_lists, embeddings),
+        rows = _group(records, lambda r: _layer_name(r.module, heads, depth, block_lists, embeddings),
                       optimizer, order if depth is None else None)
     total = Row("total")
     for row in rows:

@@ -324,9 +324,12 @@ def wrap(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freeze | 
 
 def _restore_full_training(peft_model: Any, plan: dict[str, bool]) -> None:
     """peft freezes the whole base; give back the parameters the freeze plan trains in full."""
+    from .adapter import peft_role
+
     for name, param in peft_model.named_parameters():
-        if "lora_" in name or ".modules_to_save." in name or ".original_module." in name or ".base_layer." in name:
+        role, original = peft_role(name)
+        # LoRA-wrapped weights stay frozen; heads train as peft's modules_to_save copies
+        if role != "base" or ".base_layer." in name or ".original_module." in name:
             continue
-        original = name.removeprefix("base_model.model.")
         if plan.get(original) and param.is_floating_point():
             param.requires_grad_(True)
