@@ -108,11 +108,15 @@ def _build_config(build: Any, name: str) -> Any:
                            hint="check config.json (model_type and dimensions), or upgrade transformers") from None
 
 
+def hub_switched_off() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
 @functools.cache
 def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP probe of the Hub endpoint, so an offline machine fails in seconds rather than
     after huggingface_hub's retries with backoff (about 25 s)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if hub_switched_off():
         return False
     url = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
@@ -124,8 +128,8 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _not_found_message(name: str) -> str:
-    where = "is switched off (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE", "0").lower() in (
-        "1", "true", "yes") else "cache does not have it" + ("" if hub_reachable() else ", and the Hub is unreachable")
+    where = "is switched off (HF_HUB_OFFLINE=1)" if hub_switched_off() else (
+        "cache does not have it" + ("" if hub_reachable() else ", and the Hub is unreachable"))
     return (f"cannot find model {name!r}: it is not a local directory, not bundled in adapters_zoo, "
             f"and the Hub {where}")
 
