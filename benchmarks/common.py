@@ -12,6 +12,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from lorakit.files import write_json_atomic
+
 RESULTS = Path(__file__).parent / "results"
 
 
@@ -86,7 +88,5 @@ def save(device: str, key: str, figures: dict) -> Path:
     data = json.loads(path.read_text()) if path.exists() else {}
     data["environment"] = environment()
     data[key] = figures
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, data)
     return path

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from .errors import LorakitError
+from .files import write_json_atomic
 from .specs import spec_dict
 
 MANIFEST = "lorakit_manifest.json"
@@ -92,14 +91,6 @@ def versions() -> dict:
         except md.PackageNotFoundError:
             pass
     return found
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(data, handle, indent=2, default=str)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def save_extras(model: Any, folder: str | Path) -> None:

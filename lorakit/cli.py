@@ -7,36 +7,12 @@ no traceback. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 from .errors import LorakitError, SpecError
+from .files import atomic_path, refuse_existing, write_text_atomic
 from .specs import Freeze, Lora, Quant
-
-
-def _publish(tmp: str, path: Path) -> None:
-    """Give the temp file normal permissions (mkstemp makes it 0600), then rename it into place."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str, force: bool) -> None:
-    if path.exists() and not force:
-        raise LorakitError(f"{path} already exists", hint="pass --force to overwrite it, or choose another --output")
-    if not path.parent.is_dir():
-        raise LorakitError(f"folder {path.parent} does not exist", hint="create it first, or choose another path")
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-        _publish(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _spec_from_args(args: argparse.Namespace) -> tuple[Lora | None, Freeze | None, Quant | None]:
@@ -63,15 +39,11 @@ def cmd_compare_parameters(args: argparse.Namespace) -> int:
     if args.depth is not None and args.by == "kind":
         raise SpecError("--depth and --by kind contradict each other", hint="use one of them")
     if args.plot:
-        plot_path = Path(args.plot)
-        if plot_path.suffix.lower() not in (".png", ".svg", ".pdf"):
-            raise LorakitError(f"--plot {plot_path}: unknown image type", hint="end the name in .png or .svg")
-        if not plot_path.parent.is_dir():
-            raise LorakitError(f"--plot: folder {plot_path.parent} does not exist", hint="create it first")
-        if plot_path.exists() and not args.force:
-            raise LorakitError(f"{plot_path} already exists", hint="pass --force to overwrite it")
-    if args.output and Path(args.output).exists() and not args.force:
-        raise LorakitError(f"{args.output} already exists", hint="pass --force to overwrite it")
+        if Path(args.plot).suffix.lower() not in (".png", ".svg", ".pdf"):
+            raise LorakitError(f"--plot {args.plot}: unknown image type", hint="end the name in .png or .svg")
+        refuse_existing(args.plot, args.force)
+    if args.output:  # checked before the report is built, not after
+        refuse_existing(args.output, args.force)
     if (args.batch_size is None) != (args.seq_len is None):
         raise SpecError("--batch-size and --seq-len go together", hint="give both, or neither")
     lora, freeze, quant = _spec_from_args(args)
@@ -80,19 +52,14 @@ def cmd_compare_parameters(args: argparse.Namespace) -> int:
                     seq_len=args.seq_len, trust_remote_code=args.trust_remote_code)
     text = FORMATS[args.format](result)
     if args.output:
-        _atomic_write(Path(args.output), text, args.force)
+        write_text_atomic(args.output, text)
         print(f"wrote {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
     if args.plot:
-        fd, tmp = tempfile.mkstemp(dir=plot_path.parent, prefix=".plot.", suffix=plot_path.suffix)
-        os.close(fd)
-        try:
+        with atomic_path(args.plot) as tmp:
             plot(result, tmp)
-            _publish(tmp, plot_path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-        print(f"wrote {plot_path}", file=sys.stderr)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0
 
 

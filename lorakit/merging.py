@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .adapter import MANIFEST, sha256_file, verify as verify_files, versions, write_json_atomic
+from .adapter import MANIFEST, sha256_file, verify as verify_files, versions
 from .errors import LorakitError, SpecError
+from .files import refuse_existing, write_json_atomic
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 # Which weighted merges equal the weighted sum of the adapters' updates exactly.
@@ -130,10 +131,7 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
         raise SpecError(f"into must be 'original' or 'dequantized', got {into!r}")
     torch_dtype(dtype)
     out = Path(out_dir)
-    if out.exists() and not force:
-        raise LorakitError(f"{out} already exists", hint="pass --force to replace it, or choose another --out")
-    if not out.parent.is_dir():
-        raise LorakitError(f"folder {out.parent} does not exist", hint="create it first")
+    refuse_existing(out, force)
     loaded = [_read_adapter(f) for f in folders]
     base = base if base is not None else _base_from_manifest(loaded[0])
     _check_compatible(loaded)

@@ -1,0 +1,53 @@
+"""Writing files so that nothing the user had is lost or half-written.
+
+Every file goes to a temp path beside its target and is renamed over it only
+when complete, with the permissions a plain open() would have given (mkstemp
+makes 0600). An existing target is refused unless the caller was told to force.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .errors import LorakitError
+
+
+def refuse_existing(path: str | os.PathLike, force: bool) -> None:
+    """Raise unless `path` can be written: its folder exists, and it does not (or `force`)."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise LorakitError(f"{path} already exists", hint="pass --force to overwrite it, or choose another path")
+    if not path.parent.is_dir():
+        raise LorakitError(f"folder {path.parent} does not exist", hint="create it first, or choose another path")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[str]:
+    """A temp file name beside `path` (same suffix, so writers can tell the format from it);
+    renamed onto `path` when the block succeeds, removed when it fails."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
+    os.close(fd)
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(text)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
