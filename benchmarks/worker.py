@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import time
 
 from benchmarks.common import peak_rss_bytes
@@ -90,9 +91,6 @@ def main() -> None:
 
         model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
-        trainer_cls, extra = transformers.Trainer, {}
-    else:
-        trainer_cls, extra = lorakit.LoraTrainer, {}
     if args.mode in ("lorakit", "lora", "lora4bit"):
         model = lorakit.wrap(model, lora=lora)
     if cuda:
@@ -116,7 +114,8 @@ def main() -> None:
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
 
-    trainer = trainer_cls(model=model, args=train_args, train_dataset=data, callbacks=[Clock()], **extra)
+    trainer_cls = transformers.Trainer if args.mode == "peft" else lorakit.LoraTrainer
+    trainer = trainer_cls(model=model, args=train_args, train_dataset=data, callbacks=[Clock()])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trainer.train()
     measured = peak_rss_bytes()  # VmHWM: not the parent's high-water mark that ru_maxrss inherits
@@ -130,7 +129,7 @@ def main() -> None:
     result = {"mode": args.mode, "size": args.size, "batch": batch, "seq": seq, "trainable": trainable,
               "step_seconds": times[args.warmup:], "losses": losses, "peak_rss_bytes": measured,
               "baseline_rss_bytes": baseline_rss, "predicted": predicted,
-              "tokens_per_second": batch * seq / (sorted(times[args.warmup:])[len(times[args.warmup:]) // 2])}
+              "tokens_per_second": batch * seq / statistics.median(times[args.warmup:])}
     if cuda:
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
     print("RESULT " + json.dumps(result))
