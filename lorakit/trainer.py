@@ -212,8 +212,8 @@ class LoraTrainer(Trainer):
             dist.barrier()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        target = model if model is not None else self.model
-        verify(resume_from_checkpoint, self.accelerator.unwrap_model(target))
-        if hasattr(self.accelerator.unwrap_model(target), "peft_config"):
+        unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
+        verify(resume_from_checkpoint, unwrapped)
+        if hasattr(unwrapped, "peft_config"):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_trained(self.accelerator.unwrap_model(target), Path(resume_from_checkpoint))
+        load_trained(unwrapped, Path(resume_from_checkpoint))
