@@ -63,7 +63,6 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    import datasets
     import transformers
     from transformers import LlamaConfig, TrainerCallback
 
@@ -78,7 +77,8 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     total = args.warmup + args.steps
     ids = torch.randint(0, size["vocab_size"], (batch * total, seq), generator=g).tolist()
-    data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    # a plain list serves Trainer as well as a datasets.Dataset, and the GPU machine has no datasets
+    data = [{"input_ids": row, "labels": row} for row in ids]
     cuda = args.device == "cuda"
     train_args = transformers.TrainingArguments(
         output_dir="/tmp/lorakit-bench", max_steps=total, per_device_train_batch_size=batch, learning_rate=1e-4,
