@@ -66,14 +66,14 @@ def quantized_linear_bytes() -> dict:
     import torch
     import bitsandbytes as bnb
 
-    from lorakit.report import _state_bytes
+    from lorakit.accounting import quant_state_bytes
 
     weight = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0))
     fp32 = weight.numel() * 4
     out = {}
     for name, double in (("nf4", False), ("nf4_double_quant", True)):
         param = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=double).to("cpu")
-        out[name] = (param.numel() * param.element_size() + _state_bytes(param.quant_state)) / fp32
+        out[name] = (param.numel() * param.element_size() + quant_state_bytes(param.quant_state)) / fp32
     int8 = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False).to("cpu")
     out["int8"] = (int8.numel() + int8.SCB.numel() * 4) / fp32
     out["targets"] = {"nf4": 0.145, "nf4_double_quant": 0.130, "int8": 0.26}

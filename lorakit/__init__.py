@@ -15,8 +15,10 @@ from .errors import (
     TargetError,
 )
 from .load import load
+from .plan import Plan, Target, make_plan
 from .report import Report, Row, report
 from .specs import Freeze, Lora, Quant
+from .state import Source, State
 from .wrap import Targets, targets, wrap
 
 __version__ = "0.1.0"
@@ -50,11 +52,15 @@ __all__ = [
     "Lora",
     "LorakitError",
     "ModelNotFoundError",
+    "Plan",
     "Quant",
     "QuantizationError",
     "Report",
     "Row",
+    "Source",
     "SpecError",
+    "State",
+    "Target",
     "TargetError",
     "Targets",
     "causal_lm_data",
@@ -64,6 +70,7 @@ __all__ = [
     "load",
     "load_adapter",
     "load_metric",
+    "make_plan",
     "merge",
     "report",
     "targets",

@@ -17,53 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LorakitError
-from .files import write_json_atomic
-from .specs import spec_dict
+from .files import atomic_path, write_json_atomic
+from .names import base_name
+from .report import report
+from .state import fingerprint, state_of
+from .wrap import quiet_peft
 
+FORMAT = "lorakit-adapter/2"
 MANIFEST = "lorakit_manifest.json"
 TRAINED = "lorakit_trained.safetensors"
 _PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def peft_role(name: str) -> tuple[str, str]:
-    """(role, name in the unwrapped base) of a parameter or module name of a peft-wrapped model.
-
-    role is "lora" (adapter weights, named by the module they adapt), "copy" (a modules_to_save
-    copy, named by the module it copies) or "base"."""
-    stripped = name.removeprefix("base_model.model.")
-    if "lora_" in stripped:
-        return "lora", stripped.split(".lora_")[0]
-    if ".modules_to_save." in stripped:
-        return "copy", stripped.split(".modules_to_save")[0]
-    return "base", stripped.replace(".base_layer", "").replace(".original_module", "")
-
-
-def base_name(name: str) -> str | None:
-    """A parameter's name in the unwrapped base model, or None for peft's own (LoRA, copies)."""
-    role, original = peft_role(name)
-    return original if role == "base" else None
-
-
-def fingerprint(model: Any) -> dict:
-    """What identifies a base: its parameter names and real shapes, and a few of its embedding values."""
-    import math
-
-    import torch
-
-    lines, sample = [], None
-    for name, param in model.named_parameters():
-        original = base_name(name)
-        if original is None:
-            continue
-        state = getattr(param, "quant_state", None)
-        shape = tuple(state.shape) if state is not None else tuple(param.shape)
-        lines.append(f"{original}:{shape}")
-        if sample is None and param.is_floating_point() and "embed" in original and math.prod(shape) >= 16:
-            sample = param.detach().flatten()[:1024].to(torch.float32).cpu().numpy().tobytes()
-    config = getattr(model, "config", None)
-    return {"model_type": getattr(config, "model_type", type(model).__name__),
-            "shapes_sha256": hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest(),
-            "embedding_sample_sha256": hashlib.sha256(sample).hexdigest() if sample is not None else None}
 
 
 def sha256_file(path: Path) -> str:
@@ -94,34 +57,38 @@ def versions() -> dict:
 
 
 def save_extras(model: Any, folder: str | Path) -> None:
-    """Beside peft's files: the trained-in-full tensors and the manifest (written last, atomically)."""
+    """Beside peft's files: the trained-in-full tensors and the manifest (written last, atomically).
+    peft records the base by its local path; lorakit puts the portable id in its place."""
     from safetensors.torch import save_file
 
-    from .report import report
-
     folder = Path(folder)
+    state = state_of(model)
     extra = trained_outside_peft(model)
     if extra:
-        save_file(extra, str(folder / TRAINED), metadata={"format": "pt"})
-    spec = getattr(model, "_lorakit", None) or {}
-    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir())
-             if p.name in (*_PEFT_FILES, TRAINED)}
+        with atomic_path(folder / TRAINED) as tmp:
+            save_file(extra, tmp, metadata={"format": "pt"})
+    else:  # an earlier save into this folder must not be hashed and loaded as this one's
+        (folder / TRAINED).unlink(missing_ok=True)
+    peft_config = folder / "adapter_config.json"
+    if state is not None and state.source is not None and peft_config.is_file():
+        data = json.loads(peft_config.read_text())
+        data["base_model_name_or_path"] = state.source.id
+        write_json_atomic(peft_config, data)
+    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.name in (*_PEFT_FILES, TRAINED)}
     try:
-        totals = report(model).to_dict() if spec else None
+        totals = report(model).to_dict() if state else None
     except LorakitError:
         totals = None
+    source = state.source.to_dict() if state and state.source else {}
     manifest = {
-        "format": "lorakit-adapter/1",
-        "base": dict(spec.get("source") or {}, fingerprint=spec.get("fingerprint") or fingerprint(model)),
-        "lora": spec_dict(spec.get("lora")), "freeze": spec_dict(spec.get("freeze")),
-        "quant": spec_dict(spec.get("quant")), "preset": spec.get("preset"),
-        "targets": spec.get("targets"), "trained_in_full": spec.get("trained_in_full"),
+        "format": FORMAT,
+        "base": dict(source, fingerprint=state.fingerprint if state else fingerprint(model)),
+        "plan": state.plan.to_dict() if state else None,
         "report": None if totals is None else {k: totals[k] for k in (
             "total_parameters", "trainable_parameters", "full_finetune_trainable_parameters", "lora_parameters",
             "memory")},
         "files": files, "versions": versions(),
     }
-    manifest["base"].pop("missing_keys", None)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
     if config is not None and hasattr(config, "to_dict"):
@@ -130,8 +97,26 @@ def save_extras(model: Any, folder: str | Path) -> None:
         task_config = config.to_dict()
         task_config["architectures"] = [type(base).__name__]
         task_config.pop("quantization_config", None)
+        task_config["_name_or_path"] = source.get("id", "")
         manifest["config"] = task_config
     write_json_atomic(folder / MANIFEST, manifest)
+
+
+def saved_plan(manifest: dict | None) -> dict:
+    """The Plan saved with an adapter, as a dict (`Plan.to_dict`); adapters saved before the Plan existed
+    (format 1) carry its spec fields at the top level."""
+    manifest = manifest or {}
+    if manifest.get("plan"):
+        return manifest["plan"]
+    return {k: manifest.get(k) for k in ("lora", "freeze", "quant", "preset", "trained_in_full")}
+
+
+def refuse_pickled(folder: Path) -> None:
+    """peft falls back to adapter_model.bin (a pickle); lorakit reads safetensors only."""
+    if (folder / "adapter_model.bin").is_file() and not (folder / "adapter_model.safetensors").is_file():
+        raise LorakitError(f"{folder} holds adapter_model.bin, a pickle file; lorakit never unpickles",
+                           hint="if you trust it, convert it once: PeftModel.from_pretrained(base, folder)"
+                                ".save_pretrained(new_folder) writes adapter_model.safetensors")
 
 
 def verify(folder: str | Path, model: Any | None = None) -> dict:
@@ -196,23 +181,29 @@ def load_trained(model: Any, folder: Path) -> None:
 
 
 def load_adapter(model: Any, folder: str | Path, *, is_trainable: bool = False) -> Any:
-    """Put a lorakit adapter onto its base model, after checking files and base. Returns the model to use."""
+    """Put a lorakit adapter onto its base model, after checking files and base. Returns the model to use
+    (a `peft.PeftModel` for a LoRA adapter)."""
     folder = Path(folder)
+    refuse_pickled(folder)
     manifest = verify(folder, model)
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
         from safetensors import safe_open
 
-        model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+        with quiet_peft():
+            model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
         with safe_open(str(folder / "adapter_model.safetensors"), "pt") as handle:
             saved = set(handle.keys())
         from peft import get_peft_model_state_dict
 
-        expected = set(get_peft_model_state_dict(model).keys())
+        # the saved base id may be portable ("package:..."), which peft cannot look up; on this machine the
+        # base is the model in hand, whose name peft can read if the adapter is saved again
+        for config in model.peft_config.values():
+            config.base_model_name_or_path = getattr(model.get_base_model(), "name_or_path", None)
+        expected = set(get_peft_model_state_dict(model, save_embedding_layers=False).keys())
         missing = sorted(expected - saved)
         if missing:
             raise LorakitError(f"{folder} lacks {len(missing)} adapter tensors, e.g. {missing[0]}",
                                hint="the adapter was saved from another model or is incomplete")
     load_trained(model, folder)
-    model._lorakit_manifest = manifest
     return model

@@ -10,9 +10,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from .accounting import OPTIMIZERS
 from .errors import LorakitError, SpecError
 from .files import atomic_path, refuse_existing, write_text_atomic
+from .load import TASKS, build_from_config, resolve_config
+from .merging import METHODS, merge
+from .render import FORMATS, plot
+from .report import report
 from .specs import Freeze, Lora, Quant
+from .wrap import targets
+from .zoo import bundled_configs, presets
 
 
 def _spec_from_args(args: argparse.Namespace) -> tuple[Lora | None, Freeze | None, Quant | None]:
@@ -33,9 +40,6 @@ def _spec_from_args(args: argparse.Namespace) -> tuple[Lora | None, Freeze | Non
 
 
 def cmd_compare_parameters(args: argparse.Namespace) -> int:
-    from .render import FORMATS, plot
-    from .report import report
-
     if args.depth is not None and args.by == "kind":
         raise SpecError("--depth and --by kind contradict each other", hint="use one of them")
     if args.plot:
@@ -48,7 +52,7 @@ def cmd_compare_parameters(args: argparse.Namespace) -> int:
         raise SpecError("--batch-size and --seq-len go together", hint="give both, or neither")
     lora, freeze, quant = _spec_from_args(args)
     result = report(args.model, lora=lora, freeze=freeze, quant=quant, task=args.task, optimizer=args.optimizer,
-                    depth=args.depth, by=args.by, dtype=args.dtype, batch_size=args.batch_size,
+                    by=args.depth if args.depth is not None else args.by, dtype=args.dtype, batch_size=args.batch_size,
                     seq_len=args.seq_len, trust_remote_code=args.trust_remote_code)
     text = FORMATS[args.format](result)
     if args.output:
@@ -64,9 +68,6 @@ def cmd_compare_parameters(args: argparse.Namespace) -> int:
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
-    from .load import build_from_config, resolve_config
-    from .wrap import targets
-
     config, _ = resolve_config(args.model, trust_remote_code=args.trust_remote_code)
     model = build_from_config(config, args.task, meta=True, trust_remote_code=args.trust_remote_code)
     lora = Lora(**{k: v for k, v in {"r": 8, "targets": args.lora_targets, "layers": args.lora_layers}.items()
@@ -76,8 +77,6 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from .merging import merge
-
     weights = None
     if args.weights:
         try:
@@ -85,10 +84,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         except ValueError:
             raise SpecError(f"--weights {args.weights!r} is not a list of numbers", hint="e.g. --weights 0.7,0.3"
                             ) from None
-    report = merge(args.base, args.adapter, args.out, weights=weights, method=args.method, dtype=args.dtype,
-                   verify=not args.no_verify, force=args.force, into=args.into)
-    check = report["verification"]
-    print(f"wrote {args.out} ({report['path']}, {report['merged_layers']} layers, {report['wall_seconds']:.1f} s)")
+    done = merge(args.base, args.adapter, args.out, weights=weights, method=args.method, dtype=args.dtype,
+                 verify=not args.no_verify, force=args.force, into=args.into)
+    check = done["verification"]
+    print(f"wrote {args.out} ({done['path']}, {done['merged_layers']} layers, {done['wall_seconds']:.1f} s)")
     if check:
         print(f"verified: max |logit difference| {check['max_abs_logit_difference']:.2e} "
               f"(tolerance {check['tolerance']:.0e})")
@@ -99,8 +98,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
-    from .zoo import bundled_configs, presets
-
     print("presets (adapters_zoo/presets):")
     for name, preset in presets().items():
         print(f"  {name:12s} {', '.join(preset.model_types) or '(any other model)'}")
@@ -111,16 +108,12 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    from .load import TASKS
-
     parser.add_argument("model", help="local model folder, bundled zoo name (see `lorakit zoo`) or Hub id")
     parser.add_argument("--task", choices=list(TASKS), help="which head (default: from the config)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .report import OPTIMIZERS
-
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA, freezing and quantization for Hugging Face "
                                      "models: see exactly what each choice costs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -158,20 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--lora-layers")
     show.set_defaults(func=cmd_targets)
 
-    from .merging import METHODS
-
-    merge = sub.add_parser("merge", help="fold adapters into the base weights: a plain transformers checkpoint")
-    merge.add_argument("--base", help="base model (default: the one in the adapter's manifest)")
-    merge.add_argument("--adapter", action="append", required=True, help="adapter folder; repeat for several")
-    merge.add_argument("--weights", help="one weight per adapter, e.g. 0.7,0.3")
-    merge.add_argument("--method", default="linear", choices=list(METHODS), help="peft's add_weighted_adapter method")
-    merge.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
-    merge.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the merged weights")
-    merge.add_argument("--into", default="original", choices=["original", "dequantized"],
+    merge_cmd = sub.add_parser("merge", help="fold adapters into the base weights: a plain transformers checkpoint")
+    merge_cmd.add_argument("--base", help="base model (default: the one in the adapter's manifest)")
+    merge_cmd.add_argument("--adapter", action="append", required=True, help="adapter folder; repeat for several")
+    merge_cmd.add_argument("--weights", help="one weight per adapter, e.g. 0.7,0.3")
+    merge_cmd.add_argument("--method", default="linear", choices=list(METHODS), help="peft's add_weighted_adapter method")
+    merge_cmd.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
+    merge_cmd.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the merged weights")
+    merge_cmd.add_argument("--into", default="original", choices=["original", "dequantized"],
                        help="for adapters trained on a k-bit base: the original weights, or the dequantized ones")
-    merge.add_argument("--no-verify", action="store_true", help="skip the logits check against base + adapter")
-    merge.add_argument("--force", action="store_true", help="replace an existing --out")
-    merge.set_defaults(func=cmd_merge)
+    merge_cmd.add_argument("--no-verify", action="store_true", help="skip the logits check against base + adapter")
+    merge_cmd.add_argument("--force", action="store_true", help="replace an existing --out")
+    merge_cmd.set_defaults(func=cmd_merge)
 
     zoo = sub.add_parser("zoo", help="list presets and bundled configs")
     zoo.set_defaults(func=cmd_zoo)

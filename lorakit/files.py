@@ -1,15 +1,14 @@
 """Writing files so that nothing the user had is lost or half-written.
 
 Every file goes to a temp path beside its target and is renamed over it only
-when complete, with the permissions a plain open() would have given (mkstemp
-makes 0600). An existing target is refused unless the caller was told to force.
+when complete, with the permissions a plain open() would have given. An existing target is refused unless the caller was told to force.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,16 +31,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
     """A temp file name beside `path` (same suffix, so writers can tell the format from it);
     renamed onto `path` when the block succeeds, removed when it fails."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix or ".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}{path.suffix or '.tmp'}"
+    # Created as open() would (0666 less the umask, applied by the kernel), exclusively, so that a
+    # writer that replaces the file keeps those permissions; no umask round trip, so no thread race.
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        yield str(tmp)
         os.replace(tmp, path)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

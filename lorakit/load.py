@@ -9,16 +9,28 @@ model remembers where it came from and which weights the checkpoint lacked
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
+import importlib.util
+import logging
 import os
 import socket
+import sys
 import urllib.parse
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .errors import LorakitError, ModelNotFoundError, SpecError, closest
-from .specs import Quant
+from .names import ARCHITECTURE_TASKS
+from .plan import make_plan
+from .quantize import bnb_config, require_bitsandbytes
+from .specs import Quant, torch_dtype
+from .state import Source
 from .zoo import find_bundled_config, zoo_names
+
+logger = logging.getLogger("lorakit")
 
 TASKS = {
     "causal-lm": "AutoModelForCausalLM",
@@ -29,13 +41,6 @@ TASKS = {
     "masked-lm": "AutoModelForMaskedLM",
     "base": "AutoModel",
 }
-# Architecture-name endings -> task, to default the task from config.architectures.
-_ARCHITECTURE_TASKS = [
-    ("ForSequenceClassification", "seq-cls"), ("ForTokenClassification", "token-cls"),
-    ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"), ("ForConditionalGeneration", "seq2seq"),
-    ("ForImageClassification", "image-cls"), ("ForMaskedLM", "masked-lm"),
-]
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def check_task(task: str | None) -> None:
@@ -47,7 +52,7 @@ def check_task(task: str | None) -> None:
 
 def task_from_config(config: Any) -> str:
     for architecture in getattr(config, "architectures", None) or []:
-        for ending, task in _ARCHITECTURE_TASKS:
+        for ending, task in ARCHITECTURE_TASKS:
             if architecture.endswith(ending):
                 return task
     return "base"
@@ -57,21 +62,22 @@ def resolve_config(model: Any, *, trust_remote_code: bool = False, revision: str
                    **config_kwargs: Any) -> tuple[Any, dict]:
     """(config, source) for a config object, a local dir, a zoo name, or a Hub id.
 
-    `source` records where it came from: ``{"kind": "dir"|"zoo"|"hub"|"config", "id": ...}``.
+    `source` records where it came from, portably: a folder inside an installed Python package is named
+    ``package:NAME/path`` (it resolves on any machine with that package), other folders by their path.
     """
     from transformers import AutoConfig, PretrainedConfig
 
     if isinstance(model, PretrainedConfig):
-        return model, {"kind": "config", "id": getattr(model, "name_or_path", "") or model.model_type}
+        return model, Source("config", getattr(model, "name_or_path", "") or model.model_type)
     name = str(model)
-    path = Path(name).expanduser()
+    path = package_path(name) if name.startswith("package:") else Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} is a directory but has no config.json",
                                      hint="point at a folder written by save_pretrained()")
         config = _build_config(lambda: AutoConfig.from_pretrained(
             path, trust_remote_code=trust_remote_code, **config_kwargs), name)
-        return config, {"kind": "dir", "id": str(path.resolve())}
+        return config, _folder_source(path.resolve())
     bundled = find_bundled_config(name)
     if bundled is not None:
         model_id, data = bundled
@@ -79,7 +85,7 @@ def resolve_config(model: Any, *, trust_remote_code: bool = False, revision: str
             data = dict(data, dtype=data.pop("torch_dtype"))
         config = _build_config(lambda: AutoConfig.for_model(**{**data, **config_kwargs}), name)
         config._name_or_path = model_id
-        return config, {"kind": "zoo", "id": model_id}
+        return config, Source("zoo", model_id)
     if path.exists() or name.startswith((".", "/", "~")):
         raise ModelNotFoundError(f"{name} is not a model directory",
                                  hint="pass a folder that holds config.json, a zoo name or a Hub id")
@@ -97,7 +103,27 @@ def resolve_config(model: Any, *, trust_remote_code: bool = False, revision: str
             raise LorakitError(f"{name} needs custom code from its repository to build",
                                hint="pass trust_remote_code=True only if you trust that code") from None
         raise ModelNotFoundError(_not_found_message(name), hint=_not_found_hint(name)) from None
-    return config, {"kind": "hub", "id": name, "revision": revision}
+    return config, Source("hub", name, revision=revision)
+
+
+def package_path(name: str) -> Path:
+    """The folder a ``package:NAME/path`` id names, in this machine's installed package NAME."""
+    package, _, inside = name.removeprefix("package:").partition("/")
+    spec = importlib.util.find_spec(package) if package.isidentifier() else None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"{name} names the Python package {package!r}, which is not installed",
+                                 hint=f"pip install the package that provides {package}, or pass a folder")
+    return Path(spec.submodule_search_locations[0]) / inside
+
+
+def _folder_source(path: Path) -> Source:
+    """A folder's source: ``package:NAME/...`` when it lies inside an installed package, else its path."""
+    for entry in map(Path, sys.path):
+        if entry.name in ("site-packages", "dist-packages") and path.is_relative_to(entry.resolve()):
+            package, *rest = path.relative_to(entry.resolve()).parts
+            if package.isidentifier():
+                return Source("package", "package:" + "/".join([package, *rest]), path=str(path))
+    return Source("dir", str(path), path=str(path))
 
 
 def _build_config(build: Any, name: str) -> Any:
@@ -146,16 +172,6 @@ def auto_class(task: str) -> Any:
     return getattr(transformers, TASKS[task])
 
 
-def torch_dtype(dtype: Any) -> Any:
-    import torch
-
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise SpecError(f"unknown dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
-    return getattr(torch, dtype)
-
-
 def build_from_config(config: Any, task: str | None = None, *, meta: bool = False,
                       trust_remote_code: bool = False, dtype: Any = None) -> Any:
     """A model of `config`'s architecture with fresh weights, or none at all on the meta device."""
@@ -177,20 +193,6 @@ def build_from_config(config: Any, task: str | None = None, *, meta: bool = Fals
                            hint=f"pick another task with task=... (one of {', '.join(TASKS)})") from None
 
 
-def bnb_config(quant: Quant, skip: list[str], model_dtype: Any) -> Any:
-    """The `BitsAndBytesConfig` for a `Quant` spec and an explicit skip list."""
-    import torch
-    from transformers import BitsAndBytesConfig
-
-    compute = torch_dtype(quant.compute_dtype) or model_dtype or torch.float32
-    if quant.bits == 8:
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    storage = {"uint8": torch.uint8, None: torch.uint8}.get(quant.quant_storage) or torch_dtype(quant.quant_storage)
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
-                              bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=compute,
-                              bnb_4bit_quant_storage=storage, llm_int8_skip_modules=skip)
-
-
 def load(model: str | os.PathLike, *, task: str | None = None, quant: Quant | str | None = None,
          dtype: Any = None, device_map: Any = None, trust_remote_code: bool = False,
          revision: str | None = None, **from_pretrained_kwargs: Any) -> Any:
@@ -200,14 +202,12 @@ def load(model: str | os.PathLike, *, task: str | None = None, quant: Quant | st
     class (default: from the config's architectures); `quant` is None, "8bit",
     "4bit" or a `Quant`. Weights are read from safetensors only.
     """
-    from .quantize import require_bitsandbytes, skip_modules
-
     check_task(task)
     quant = Quant.coerce(quant)
     config_only = {k: v for k, v in from_pretrained_kwargs.items() if k in ("num_labels", "id2label", "label2id")}
     config, source = resolve_config(model, trust_remote_code=trust_remote_code, revision=revision, **config_only)
     task = task or task_from_config(config)
-    where = source["id"]
+    where = source.path or source.id
     kwargs: dict[str, Any] = dict(from_pretrained_kwargs, config=config, use_safetensors=True,
                                   trust_remote_code=trust_remote_code, revision=revision,
                                   output_loading_info=True)
@@ -215,30 +215,61 @@ def load(model: str | os.PathLike, *, task: str | None = None, quant: Quant | st
         kwargs.pop(key)
     if dtype is not None:
         kwargs["dtype"] = torch_dtype(dtype)
-    if source["kind"] in ("hub", "zoo") and not hub_reachable():
+    if source.kind in ("hub", "zoo") and not hub_reachable():
         kwargs.setdefault("local_files_only", True)  # the cache only, without ~25 s of retries
         kwargs.setdefault("adapter_kwargs", {"local_files_only": True})  # the Auto classes' own adapter probe
     if quant is not None:
         require_bitsandbytes()
         skeleton = build_from_config(config, task, meta=True, trust_remote_code=trust_remote_code)
-        kwargs["quantization_config"] = bnb_config(quant, skip_modules(skeleton, quant),
+        # the same skip list wrap(quant=...) uses: both give identical layers
+        kwargs["quantization_config"] = bnb_config(quant, make_plan(skeleton, quant=quant).quant_skipped,
                                                    torch_dtype(dtype) or _config_dtype(config))
         kwargs["device_map"] = device_map if device_map is not None else _default_device()
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        loaded, info = auto_class(task).from_pretrained(where, **kwargs)
+        with _without_load_report():
+            loaded, info = auto_class(task).from_pretrained(where, **kwargs)
     except OSError as exc:
-        if source["kind"] == "zoo":
+        if source.kind == "zoo":
             raise ModelNotFoundError(
-                f"{source['id']} is bundled as a config only; its weights need the Hub or its cache",
+                f"{source.id} is bundled as a config only; its weights need the Hub or its cache",
                 hint="use lorakit.report / compare-parameters for offline accounting, "
                      "or download the model once and pass its folder") from None
         raise ModelNotFoundError(f"cannot load weights for {where}: {exc}",
                                  hint="the folder needs model.safetensors (lorakit never unpickles .bin files)"
                                  ) from None
-    loaded._lorakit_source = dict(source, task=task, missing_keys=sorted(info.get("missing_keys", [])))
+    loaded.lorakit_source = dataclasses.replace(source, task=task,
+                                                missing_keys=tuple(sorted(info.get("missing_keys", []))))
+    _log_loading(source.id, info)
     return loaded
+
+
+@contextlib.contextmanager
+def _without_load_report() -> Iterator[None]:
+    """transformers logs a LOAD REPORT table whenever a checkpoint lacks weights (a new head); lorakit
+    records those keys and trains them, and says so in one line (`_log_loading`) instead."""
+    log = logging.getLogger("transformers.modeling_utils")
+
+    def keep(record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+    log.addFilter(keep)
+    try:
+        yield
+    finally:
+        log.removeFilter(keep)
+
+
+def _log_loading(name: str, info: dict) -> None:
+    missing, unexpected = sorted(info.get("missing_keys", [])), sorted(info.get("unexpected_keys", []))
+    if missing:
+        heads = sorted({k.rsplit(".", 1)[0] for k in missing})
+        logger.info("%s: %d weights not in the checkpoint, newly initialised and trained by wrap: %s",
+                    name, len(missing), ", ".join(heads))
+    if unexpected:
+        logger.warning("%s: %d checkpoint weights this model does not use, e.g. %s", name, len(unexpected),
+                       unexpected[0])
 
 
 def _config_dtype(config: Any) -> Any:

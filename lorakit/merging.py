@@ -13,16 +13,20 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from .adapter import MANIFEST, sha256_file, verify as verify_files, versions
+from .adapter import MANIFEST, refuse_pickled, saved_plan, sha256_file, verify as verify_files, versions
 from .errors import LorakitError, SpecError
 from .files import refuse_existing, write_json_atomic
+from .load import build_from_config, hub_reachable, resolve_config
+from .names import adapter_key
+from .specs import torch_dtype
+from .state import Source
 from .streaming import check_finite, merge_streamed, names_line_up
+from .verify import peft_model, verify_merged
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 # Which weighted merges equal the weighted sum of the adapters' updates exactly.
@@ -33,12 +37,6 @@ EXACTNESS = {"linear": "exact for one adapter; for several, peft sums the A and 
              "ties": "approximate by design: trims and sign-elects the updates (TIES)",
              "dare_linear": "approximate by design: random drop and rescale (DARE)",
              "dare_ties": "approximate by design: DARE then TIES"}
-FP32_TOLERANCE = 1e-4
-# bf16 keeps 8 significant bits (relative step 2^-8 = 0.4%); rounding every weight and
-# activation compounds over the layers, so half-precision outputs are checked to 2% of
-# the largest logit rather than to an absolute figure.
-HALF_RELATIVE_TOLERANCE = 0.02
-DEQUANTIZED_TOLERANCE = 1e-2
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                     "vocab.json", "merges.txt", "tokenizer.model", "spiece.model", "added_tokens.json",
                     "preprocessor_config.json", "processor_config.json", "chat_template.jinja",
@@ -50,6 +48,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_m
 def _read_adapter(folder: Path) -> dict:
     from safetensors import safe_open
 
+    refuse_pickled(folder)
     if not (folder / "adapter_config.json").is_file():
         raise LorakitError(f"{folder} is not an adapter folder (no adapter_config.json)",
                            hint="pass a folder written by LoraTrainer or peft's save_pretrained")
@@ -62,25 +61,16 @@ def _read_adapter(folder: Path) -> dict:
     except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise LorakitError(f"{weights} is corrupt or truncated ({exc})", hint="re-save or re-download the adapter"
                            ) from None
-    lora, full = _split(tensors)
-    return {"folder": folder, "config": config, "manifest": manifest, "lora": lora, "full": full,
-            "sha256": sha256_file(weights)}
-
-
-def _split(tensors: dict) -> tuple[dict[str, dict], dict]:
-    """({adapted module: {"lora_A": ..., "lora_B": ...}}, {base name: tensor of a module trained in full})."""
-    modules: dict[str, dict] = {}
-    full = {}
+    lora: dict[str, dict] = {}  # adapted module -> {"lora_A": ..., "lora_B": ...}
+    full = {}                   # base name -> tensor of a module trained in full
     for key, value in tensors.items():
-        name = key.removeprefix("base_model.model.")
-        for part in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"):
-            marker = f".{part}"
-            if marker in name:
-                modules.setdefault(name.split(marker)[0], {})[part] = value
-                break
-        else:
+        name, part = adapter_key(key)
+        if part is None:
             full[name] = value
-    return modules, full
+        else:
+            lora.setdefault(name, {})[part] = value
+    return {"folder": folder, "config": config, "manifest": manifest, "plan": saved_plan(manifest), "lora": lora,
+            "full": full, "sha256": sha256_file(weights)}
 
 
 # ---- the merge ----------------------------------------------------------------
@@ -93,8 +83,6 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
     `base`: anything `lorakit.load` takes, or None to use the adapter manifest's base. Returns the
     merge report (also written to `out_dir/merge_report.json`).
     """
-    from .load import build_from_config, resolve_config, torch_dtype
-
     started = time.perf_counter()
     folders = [Path(a) for a in ([adapters] if isinstance(adapters, (str, os.PathLike)) else adapters)]
     if not folders:
@@ -141,14 +129,14 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
         else:
             stats = _in_memory(base, loaded, staging, task_config, weights, method, dtype)
         _copy_side_files(base_dir, staging)
-        figures = _verify(base, loaded, staging, task_config, weights, method, dtype, into) if verify else None
+        figures = verify_merged(base, loaded, staging, task_config, weights, method, dtype, into) if verify else None
         report = {
             "base": str(base), "adapters": [{"path": str(a["folder"]), "sha256": a["sha256"]} for a in loaded],
             "method": method, "exactness": EXACTNESS[method] if len(loaded) > 1 else "exact (one adapter)",
             "weights": weights, "dtype": dtype or stats["dtype"], "into": into,
             "path": "streamed shard by shard" if use_stream else "peft merge_and_unload (whole model in memory)",
             "verification": figures, "wall_seconds": round(time.perf_counter() - started, 3),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": _peak_rss(),
             "merged_layers": stats["merged_layers"], "versions": versions(),
         }
         write_json_atomic(staging / "merge_report.json", report)
@@ -190,20 +178,27 @@ def _check_model_type(adapter: dict, base_config: Any) -> None:
                            hint="pass the base it was trained on with --base")
 
 
-def _local_base_dir(source: dict) -> Path | None:
+def _peak_rss() -> int | None:
+    """This process's peak RSS where the platform tells it (the resource module is Unix-only)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _local_base_dir(source: Source) -> Path | None:
     """The folder holding the base's safetensors, or None when only from_pretrained can reach it."""
-    if source["kind"] == "dir":
-        folder = Path(source["id"])
+    if source.path:
+        folder = Path(source.path)
     else:
         try:
             from huggingface_hub import snapshot_download
 
-            from .load import hub_reachable
-
-            folder = Path(snapshot_download(source["id"], local_files_only=not hub_reachable(),
+            folder = Path(snapshot_download(source.id, local_files_only=not hub_reachable(),
                                             allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
         except Exception as exc:  # noqa: BLE001 - any Hub failure: the base is not available here
-            raise LorakitError(f"cannot find the weights of {source['id']} ({exc})",
+            raise LorakitError(f"cannot find the weights of {source.id} ({exc})",
                                hint="download the base once, or pass --base with its local folder") from None
     has_weights = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
     return folder if has_weights else None
@@ -222,9 +217,7 @@ def _task_config(adapter: dict, base_config: Any) -> Any:
 
 def _in_memory(base: Any, loaded: list[dict], staging: Path, task_config: Any, weights: list[float] | None,
                method: str, dtype: str | None) -> dict:
-    from .load import torch_dtype
-
-    model = _peft_model(base, loaded, task_config, weights, method)
+    model = peft_model(base, loaded, task_config, weights, method)
     merged = model.merge_and_unload(safe_merge=True)
     target = torch_dtype(dtype)
     if target is not None:
@@ -234,104 +227,6 @@ def _in_memory(base: Any, loaded: list[dict], staging: Path, task_config: Any, w
     merged.save_pretrained(str(staging), safe_serialization=True, max_shard_size="2GB")
     layers = len(loaded[0]["lora"])
     return {"dtype": str(next(merged.parameters()).dtype).removeprefix("torch."), "merged_layers": layers}
-
-
-def _base_model(base: Any, task_config: Any, quant: Any = None) -> Any:
-    from .load import auto_class, load, task_from_config
-
-    if hasattr(base, "named_parameters"):
-        return base
-    task = task_from_config(task_config)
-    where = str(base)  # its folder when on disk (merge resolved it), else its id
-    if quant is not None:
-        model = load(where, task=task, quant=quant, num_labels=task_config.num_labels,
-                     id2label=task_config.id2label, label2id=task_config.label2id)
-    else:
-        model = auto_class(task).from_pretrained(where, config=task_config, use_safetensors=True)
-    return model.eval()
-
-
-def _peft_model(base: Any, loaded: list[dict], task_config: Any, weights: list[float] | None, method: str,
-                quant: Any = None) -> Any:
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(_base_model(base, task_config, quant), str(loaded[0]["folder"]),
-                                      adapter_name="adapter0")
-    for i, adapter in enumerate(loaded[1:], start=1):
-        model.load_adapter(str(adapter["folder"]), adapter_name=f"adapter{i}")
-    if len(loaded) > 1:
-        names = [f"adapter{i}" for i in range(len(loaded))]
-        kwargs = {"density": 0.5} if method in ("ties", "dare_linear", "dare_ties") else {}
-        import torch
-
-        torch.manual_seed(0)  # DARE drops at random: the merge and its verification must drop alike
-        model.add_weighted_adapter(names, weights or [1.0 / len(loaded)] * len(loaded), "merged",
-                                   combination_type=method, **kwargs)
-        model.set_adapter("merged")
-        for name in names:
-            model.delete_adapter(name)
-    return model.eval()
-
-
-def sample_inputs(config: Any) -> dict:
-    """A fixed batch: tokens for text models, pixels for vision models."""
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    if hasattr(config, "num_channels") and not hasattr(config, "vocab_size"):
-        size = getattr(config, "image_size", 64)
-        size = size if isinstance(size, int) else size[0]
-        return {"pixel_values": torch.randn(2, config.num_channels, size, size, generator=g)}
-    vocab = min(getattr(config, "vocab_size", 1000), 1000)
-    inputs = {"input_ids": torch.randint(3, vocab, (2, 16), generator=g)}
-    if getattr(config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = torch.randint(3, vocab, (2, 8), generator=g)
-    return inputs
-
-
-def _logits(model: Any, inputs: dict) -> Any:
-    import torch
-
-    with torch.no_grad():
-        out = model(**inputs)
-    return (out.logits if hasattr(out, "logits") else out[0]).float()
-
-
-def _verify(base: Any, loaded: list[dict], staging: Path, task_config: Any, weights: list[float] | None,
-            method: str, dtype: str | None, into: str) -> dict:
-    """Max |logits| difference between base+adapter through peft and the merged checkpoint."""
-    from .load import auto_class, task_from_config
-    from .specs import Quant
-
-    inputs = sample_inputs(task_config)
-    quant_spec = (loaded[0]["manifest"] or {}).get("quant")
-    quant = Quant(**quant_spec) if quant_spec else None
-    reference_model = _peft_model(base, loaded, task_config, weights, method,
-                                  quant if into == "dequantized" else None)
-    reference = _logits(reference_model, inputs)
-    del reference_model
-    merged = auto_class(task_from_config(task_config)).from_pretrained(str(staging), use_safetensors=True).eval()
-    candidate = _logits(merged, inputs)
-    difference = float((reference - candidate).abs().max())
-    half = dtype in ("bfloat16", "float16")
-    tolerance = HALF_RELATIVE_TOLERANCE * float(reference.abs().max()) if half else FP32_TOLERANCE
-    if into == "dequantized":
-        # The reference runs bitsandbytes' own 4-bit kernel, not the exact dequantized weights; on CPU
-        # it differed from them by about 2e-3 in the logits of our tests, hence this looser bound.
-        tolerance = max(tolerance, DEQUANTIZED_TOLERANCE)
-    figures = {"max_abs_logit_difference": difference, "tolerance": tolerance,
-               "reference": "base + adapter through peft" + (" on the quantized base" if into == "dequantized"
-                                                             else ""),
-               "sample": {k: list(v.shape) for k, v in inputs.items()}}
-    if quant is not None and into == "original":
-        quantized = _logits(_peft_model(base, loaded, task_config, None, "linear", quant), inputs)
-        figures["quantization_gap"] = {
-            "max_abs_logit_difference": float((quantized - candidate).abs().max()),
-            "meaning": "the adapter on the quantized base it trained on, against the merged full-precision model"}
-    if not difference <= tolerance:
-        raise LorakitError(f"merge verification failed: logits differ by {difference:.3g} (tolerance {tolerance:.3g})",
-                           hint="nothing was written; report this with the adapter and base")
-    return figures
 
 
 def _copy_side_files(base_dir: Path | None, staging: Path) -> None:

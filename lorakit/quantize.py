@@ -14,7 +14,8 @@ import importlib.util
 from typing import Any
 
 from .errors import QuantizationError
-from .specs import Quant
+from .plan import Plan
+from .specs import Quant, torch_dtype
 
 
 def require_bitsandbytes() -> None:
@@ -23,82 +24,37 @@ def require_bitsandbytes() -> None:
                                 hint="pip install 'bitsandbytes>=0.48'")
 
 
-def is_quantized(model: Any) -> bool:
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-        return True
-    if getattr(model, "hf_quantizer", None) is not None:
-        return True
-    if importlib.util.find_spec("bitsandbytes") is None or "bitsandbytes" not in _imported():
-        return False
-    import bitsandbytes as bnb
+def bnb_config(quant: Quant, skip: list[str] | tuple[str, ...], model_dtype: Any) -> Any:
+    """The `BitsAndBytesConfig` for a `Quant` spec and a plan's skip list."""
+    import torch
+    from transformers import BitsAndBytesConfig
 
-    return any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
-
-
-def _imported() -> set[str]:
-    import sys
-
-    return {name.split(".")[0] for name in sys.modules}
+    compute = torch_dtype(quant.compute_dtype) or model_dtype or torch.float32
+    if quant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip))
+    storage = {"uint8": torch.uint8, None: torch.uint8}.get(quant.quant_storage) or torch_dtype(quant.quant_storage)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.quant_type,
+                              bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=compute,
+                              bnb_4bit_quant_storage=storage, llm_int8_skip_modules=list(skip))
 
 
-def skip_modules(model: Any, quant: Quant, preset: Any = None) -> list[str]:
-    """Modules kept in full precision: transformers' defaults (output embeddings,
-    tied weights, the last module, `_keep_in_fp32_modules`), everything lorakit trains in full (task heads
-    and the head path), and the user's list."""
+def quantize(model: Any, plan: Plan) -> Any:
+    """Quantize the plan's Linear (and Conv1D) layers in place, then prepare the model for k-bit training."""
+    import torch
     from transformers import PreTrainedModel
-    from transformers.quantizers.base import get_keys_to_not_convert
+    from transformers.pytorch_utils import Conv1D
 
-    from .wrap import trained_in_full
-    from .zoo import preset_for
-
-    skip = set(quant.skip_modules)
-    if isinstance(model, PreTrainedModel):
-        skip.update(get_keys_to_not_convert(model))
-        skip.update(getattr(model, "_keep_in_fp32_modules", None) or [])
-    skip.update(trained_in_full(model, preset or preset_for(model), None))
-    return sorted(skip)
-
-
-def check_quantizable(model: Any) -> None:
     require_bitsandbytes()
-    if is_quantized(model):
-        raise QuantizationError("this model is already quantized",
-                                hint="drop quant=..., or start from the full-precision model")
-
-
-def will_quantize(model: Any, quant: Quant, preset: Any = None) -> list[str]:
-    """Names of the modules `quantize` would convert (decided before anything changes)."""
-    import torch
-    from transformers.pytorch_utils import Conv1D
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    skip = skip_modules(model, quant, preset)
-    names = [n for n, m in model.named_modules() if (type(m) is torch.nn.Linear or isinstance(m, Conv1D))
-             and should_convert_module(n, skip)]
-    if not names:
-        raise QuantizationError("this model has no Linear layer to quantize outside its heads",
-                                hint="quantization applies to Linear/Conv1D layers; drop quant=...")
-    return names
-
-
-def quantize(model: Any, quant: Quant, preset: Any = None) -> Any:
-    """Quantize `model`'s Linear (and Conv1D) layers in place, then prepare it for k-bit training."""
-    import torch
-    from transformers import PreTrainedModel
-    from transformers.pytorch_utils import Conv1D
-
-    check_quantizable(model)
     import bitsandbytes as bnb
     from peft import prepare_model_for_kbit_training
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
+    quant = plan.quant
     model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    from .load import bnb_config
-
-    config = bnb_config(quant, skip_modules(model, quant, preset), model_dtype)
+    config = bnb_config(quant, plan.quant_skipped, model_dtype)
+    chosen = set(plan.quantized)
     originals = {name: (module.weight.detach(), module.bias, module.training, isinstance(module, Conv1D))
-                 for name, module in model.named_modules() if type(module) is torch.nn.Linear
-                 or isinstance(module, Conv1D)}
+                 for name, module in model.named_modules() if name in chosen}
     device = next(iter(model.parameters())).device
     replace_with_bnb_linear(model, modules_to_not_convert=config.llm_int8_skip_modules, quantization_config=config)
     for name, module in model.named_modules():

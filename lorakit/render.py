@@ -38,7 +38,7 @@ def _bytes(n: int | None) -> str:
     return f"{n} B"
 
 
-def _summary(report: Report) -> list[str]:
+def summary(report: Report) -> list[str]:
     t = report.total
     spec = report.spec
     parts = [f"lora r={spec['lora']['r']}" if spec.get("lora") else "no LoRA"]
@@ -71,7 +71,7 @@ def table(report: Report) -> str:
     out = [line([h for h, _ in COLUMNS]), "  ".join("-" * w for w in widths)]
     out += [line(row) for row in rows[:-1]]
     out += ["  ".join("-" * w for w in widths), line(rows[-1]), ""]
-    return "\n".join(out + _summary(report)) + "\n"
+    return "\n".join(out + summary(report)) + "\n"
 
 
 def markdown(report: Report) -> str:
@@ -79,7 +79,7 @@ def markdown(report: Report) -> str:
     rule = "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"
     body = ["| " + " | ".join(get(r) for _, get in COLUMNS) + " |" for r in report.rows]
     total = "| " + " | ".join(f"**{get(report.total)}**" for _, get in COLUMNS) + " |"
-    return "\n".join([header, rule, *body, total, "", *_summary(report)]) + "\n"
+    return "\n".join([header, rule, *body, total, "", *summary(report)]) + "\n"
 
 
 def to_json(report: Report) -> str:
@@ -137,7 +137,3 @@ def plot(report: Report, path: str) -> None:
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
-
-
-def render(report: Report, fmt: str) -> str:
-    return FORMATS[fmt](report)

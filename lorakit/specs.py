@@ -13,13 +13,24 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import SpecError
+from .errors import SpecError, closest
 
-TARGET_GROUPS = ("attention", "mlp", "all-linear")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _help(text: str, **kw: Any) -> Any:
     return field(metadata={"help": text}, **kw)
+
+
+def _known_fields(cls: type, value: dict) -> dict:
+    """`value` if every key is a field of the spec class `cls`; else a SpecError naming the unknown keys."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        near = closest(unknown[0], names)
+        raise SpecError(f"unknown {cls.__name__} field(s): {', '.join(unknown)}",
+                        hint=(f"did you mean {near[0]!r}? " if near else "") + f"fields are: {', '.join(names)}")
+    return value
 
 
 def parse_blocks(spec: str | int | list[int] | tuple[int, ...] | range | None) -> list[str | int] | None:
@@ -132,11 +143,7 @@ class Lora:
         if isinstance(value, int) and not isinstance(value, bool):
             return cls(r=value)
         if isinstance(value, dict):
-            unknown = set(value) - {f.name for f in dataclasses.fields(cls)}
-            if unknown:
-                raise SpecError(f"unknown Lora field(s): {', '.join(sorted(unknown))}",
-                                hint=f"fields are: {', '.join(f.name for f in dataclasses.fields(cls))}")
-            return cls(**value)
+            return cls(**_known_fields(cls, value))
         raise SpecError(f"lora must be a lorakit.Lora, a dict or an int rank, got {type(value).__name__}")
 
 
@@ -224,7 +231,7 @@ class Freeze:
         if isinstance(value, str):
             return cls.parse(value)
         if isinstance(value, dict):
-            return cls(**value)
+            return cls(**_known_fields(cls, value))
         raise SpecError(f"freeze must be a lorakit.Freeze, a dict or a string, got {type(value).__name__}")
 
 
@@ -273,3 +280,14 @@ class Quant:
 def spec_dict(spec: Any) -> dict | None:
     """A JSON-ready dict of a spec (for manifests and reports)."""
     return None if spec is None else dataclasses.asdict(spec)
+
+
+def torch_dtype(dtype: Any) -> Any:
+    """A dtype name ("float32", "bfloat16", "float16") as a torch.dtype; None and torch dtypes pass through."""
+    if dtype is None or not isinstance(dtype, str):
+        return dtype
+    if dtype not in DTYPES:
+        raise SpecError(f"unknown dtype {dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
+    import torch
+
+    return getattr(torch, dtype)

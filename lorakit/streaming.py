@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import LorakitError, SpecError
 from .files import write_json_atomic
+from .specs import torch_dtype
 
 def _scale(config: dict, module: str, rank: int) -> float:
     from peft.utils.other import get_pattern_key
@@ -75,14 +76,13 @@ def merge_streamed(base_dir: Path, adapter: dict, staging: Path, meta: Any, task
     tensor's pages of the memory-mapped file resident."""
     from safetensors import safe_open
 
-    from .load import torch_dtype
 
     expected = set(meta.state_dict().keys())
     prefix = getattr(meta, "base_model_prefix", "")
     lora, full = adapter["lora"], dict(adapter["full"])
     pending = {f"{module}.weight": module for module in lora}
     fan_in_fan_out = bool(adapter["config"].get("fan_in_fan_out"))
-    quantized = _quantized_weights(adapter, meta) if into == "dequantized" else set()
+    quantized = _quantized_weights(adapter) if into == "dequantized" else set()
     target_dtype = torch_dtype(dtype)
     writer = _ShardWriter(staging)
     out_dtype, merged = None, []
@@ -197,22 +197,23 @@ def _task_key(key: str, expected: set[str], prefix: str) -> str | None:
     return None
 
 
-def _quantized_weights(adapter: dict, meta: Any) -> set[str]:
-    from .quantize import will_quantize
-    from .specs import Quant
-
-    spec = (adapter["manifest"] or {}).get("quant")
-    if not spec:
+def _quantized_weights(adapter: dict) -> set[str]:
+    """The weights the adapter's base had quantized: read from the Plan saved with it, not decided again."""
+    plan = adapter["plan"]
+    if not plan.get("quant"):
         raise SpecError("--into dequantized is for adapters trained on an 8/4-bit base; this one was not",
                         hint="drop --into")
-    return {f"{name}.weight" for name in will_quantize(meta, Quant(**spec))}
+    if "quantized" not in plan:
+        raise SpecError(f"{adapter['folder']} was saved by an older lorakit and does not list its quantized "
+                        "layers", hint="load it with lorakit.load_adapter and save it again")
+    return {f"{name}.weight" for name in plan["quantized"]}
 
 
 def _dequantized(weight: Any, adapter: dict) -> Any:
     """The weight as the quantized base the adapter trained on saw it: quantize, then dequantize."""
     import bitsandbytes.functional as bnbf
 
-    spec = adapter["manifest"]["quant"]
+    spec = adapter["plan"]["quant"]
     if spec["bits"] == 8:
         import bitsandbytes as bnb
 

@@ -21,13 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapter import load_trained, save_extras, verify
 from .errors import LorakitError
-from .wrap import model_task, wrap
+from .plan import model_task
+from .render import summary
+from .report import report
+from .state import state_of
+from .wrap import wrap
 
 logger = logging.getLogger("lorakit")
 _STAGING = ".lorakit-staging"
+_TRASH = ".lorakit-trash-"  # a checkpoint being deleted: renamed aside first, so no half-deleted one keeps its name
 
 
 def training_args(output_dir: str, **overrides: Any) -> TrainingArguments:
@@ -39,6 +45,8 @@ def training_args(output_dir: str, **overrides: Any) -> TrainingArguments:
                                 "logging_strategy": "steps", "logging_steps": 10}
     if torch.cuda.is_available():
         defaults["bf16" if torch.cuda.is_bf16_supported() else "fp16"] = True
+    else:  # pinned memory only helps copies to a GPU; without one, torch warns on every DataLoader
+        defaults["dataloader_pin_memory"] = False
     if overrides.get("gradient_checkpointing"):
         defaults["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     return TrainingArguments(output_dir=output_dir, **{**defaults, **overrides})
@@ -55,6 +63,22 @@ _GRADIENT_HINT = (
 
 def _is_no_decay(name: str, module: Any) -> bool:
     return name.endswith("bias") or "norm" in type(module).__name__.lower()
+
+
+def rotate(run_dir: Path, limit: int | None, best: str | None) -> None:
+    """transformers' rotation rule (keep `limit`, the newest and the best), but each old checkpoint is
+    renamed aside before it is deleted: a kill mid-delete leaves no broken folder named like a checkpoint."""
+    from transformers.trainer_utils import sort_checkpoints
+
+    if not limit or limit <= 0:
+        return
+    checkpoints = sort_checkpoints(str(run_dir), PREFIX_CHECKPOINT_DIR, False)
+    protected = {checkpoints[-1], *([str(Path(best))] if best else [])} if checkpoints else set()
+    surplus = len(checkpoints) - max(limit, len(protected))
+    for checkpoint in [c for c in checkpoints if c not in protected][:max(surplus, 0)]:
+        trash = run_dir / (_TRASH + Path(checkpoint).name)
+        os.replace(checkpoint, trash)
+        shutil.rmtree(trash)
 
 
 class LoraTrainer(Trainer):
@@ -93,13 +117,22 @@ class LoraTrainer(Trainer):
     # ---- before and during training ------------------------------------
 
     def _log_report(self) -> None:
-        if getattr(self.model, "_lorakit", None) is None:
+        if state_of(self.model) is None:
             return
-        from .render import _summary
-        from .report import report
-
-        for line in _summary(report(self.model)):
+        for line in summary(report(self.model)):
             logger.info(line)
+
+    def train(self, resume_from_checkpoint: Any = None, *args: Any, **kwargs: Any) -> Any:
+        """Trainer.train, refusing to start a fresh run over an earlier run's checkpoints."""
+        from transformers.trainer_utils import get_last_checkpoint
+
+        run_dir = Path(self.args.output_dir)
+        earlier = get_last_checkpoint(str(run_dir)) if run_dir.is_dir() else None
+        if not resume_from_checkpoint and earlier is not None:
+            raise LorakitError(f"{run_dir} already holds {Path(earlier).name} from an earlier run; a fresh run "
+                               "would replace its checkpoints", hint="resume it with train(resume_from_checkpoint="
+                               "True), or choose another output_dir")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> Any:
         try:
@@ -180,35 +213,35 @@ class LoraTrainer(Trainer):
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         """Trainer's checkpoint, written into a staging folder and renamed into place when complete:
         a process killed mid-save leaves the last complete checkpoint as it was."""
-        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-        run_dir = super()._get_output_dir(trial)
-        staging = Path(run_dir) / _STAGING
+        run_dir = Path(super()._get_output_dir(trial))
+        staging = run_dir / _STAGING
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        if self.args.should_save and staging.exists():
-            shutil.rmtree(staging)  # left over from a killed run
+        if self.args.should_save:
+            for leftover in [staging, *run_dir.glob(_TRASH + "*")]:  # from a killed run
+                shutil.rmtree(leftover, ignore_errors=True)
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)
         finally:
             self._staging = False
+        distributed = self.args.parallel_mode.value == "distributed"
+        if distributed:  # every rank has written its part (RNG state) before the folder moves
+            import torch.distributed as dist
+
+            dist.barrier()
         if self.args.should_save:
-            final = Path(run_dir) / name
-            if final.exists():
-                shutil.rmtree(final)
+            final = run_dir / name
+            if final.exists():  # the same step saved again (a resumed run): swap, never delete first
+                os.replace(final, run_dir / (_TRASH + name))
             os.replace(staging / name, final)
             shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(run_dir / (_TRASH + name), ignore_errors=True)
             if self.state.best_model_checkpoint:
                 self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
                     str(staging), str(run_dir))
                 self.state.save_to_json(str(final / "trainer_state.json"))
-            from transformers.trainer_utils import rotate_checkpoints
-
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=False)
-        if self.args.parallel_mode.value == "distributed":
-            import torch.distributed as dist
-
+            rotate(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
+        if distributed:
             dist.barrier()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:

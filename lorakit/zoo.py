@@ -10,7 +10,7 @@ import fnmatch
 import functools
 import json
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,12 @@ def zoo_dir() -> Path:
         return Path(__file__).resolve().parent.parent / "adapters_zoo"
 
 
+# The preset schema: every key a preset file may hold, with its type. An unknown key is an error.
+_LISTS = ("model_types", "blocks", "embeddings", "heads", "train_fully")
+_RECOMMENDED = {"r": int, "alpha": (int, float), "dropout": (int, float), "learning_rate": (int, float),
+                "targets": (str, list)}
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -37,35 +43,47 @@ class Preset:
     train_fully: tuple[str, ...]
     groups: dict[str, tuple[str, ...]]
     recommended: dict[str, Any]
-    fan_in_fan_out: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def group_matches(self, group: str, relative_name: str) -> bool:
         return any(fnmatch.fnmatchcase(relative_name, pattern) for pattern in self.groups[group])
 
 
-def _read_preset(path: Path) -> Preset:
-    data = tomllib.loads(path.read_text())
-    known = {"model_types", "blocks", "embeddings", "heads", "train_fully", "groups", "recommended",
-             "fan_in_fan_out"}
-    return Preset(
-        name=path.stem,
-        model_types=tuple(data.get("model_types", ())),
-        blocks=tuple(data.get("blocks", ())),
-        embeddings=tuple(data.get("embeddings", ())),
-        heads=tuple(data.get("heads", ())),
-        train_fully=tuple(data.get("train_fully", ())),
-        groups={k: tuple(v) for k, v in data.get("groups", {}).items()},
-        recommended=dict(data.get("recommended", {})),
-        fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
-        extra={k: v for k, v in data.items() if k not in known},
-    )
+def _schema_error(path: Path, what: str) -> SpecError:
+    return SpecError(f"preset {path}: {what}", hint="adapters_zoo/presets/README.md lists the keys and their types")
+
+
+def _strings(path: Path, key: str, value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise _schema_error(path, f"{key} must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+def read_preset(path: Path) -> Preset:
+    """Parse and validate one preset file."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise _schema_error(path, f"not valid TOML ({exc})") from None
+    for key in set(data) - {*_LISTS, "groups", "recommended"}:
+        near = closest(key, [*_LISTS, "groups", "recommended"])
+        raise _schema_error(path, f"unknown key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
+    groups = data.get("groups", {})
+    if not isinstance(groups, dict):
+        raise _schema_error(path, "[groups] must be a table of name = [globs]")
+    recommended = dict(data.get("recommended", {}))
+    for key, value in recommended.items():
+        if key not in _RECOMMENDED:
+            raise _schema_error(path, f"unknown key {key!r} in [recommended]; known: {', '.join(_RECOMMENDED)}")
+        if isinstance(value, bool) or not isinstance(value, _RECOMMENDED[key]):
+            raise _schema_error(path, f"[recommended] {key} has the wrong type: {value!r}")
+    return Preset(name=path.stem, **{k: _strings(path, k, data.get(k, [])) for k in _LISTS},
+                  groups={k: _strings(path, f"groups.{k}", v) for k, v in groups.items()}, recommended=recommended)
 
 
 @functools.cache
 def presets() -> dict[str, Preset]:
     """Every preset in the zoo, by file name."""
-    return {p.stem: _read_preset(p) for p in sorted((zoo_dir() / "presets").glob("*.toml"))}
+    return {p.stem: read_preset(p) for p in sorted((zoo_dir() / "presets").glob("*.toml"))}
 
 
 def preset_for(model: Any = None, name: str | None = None) -> Preset:
@@ -121,10 +139,6 @@ def block_of(name: str, block_lists: list[str]) -> tuple[str, int, str] | None:
 
 
 # ---- bundled configs ------------------------------------------------------
-
-def _config_file_name(model_id: str) -> str:
-    return model_id.replace("/", "--") + ".json"
-
 
 @functools.cache
 def bundled_configs() -> dict[str, Path]:

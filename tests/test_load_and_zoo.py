@@ -43,7 +43,7 @@ def test_every_preset_is_tested_and_names_modules_that_exist():
 
 def test_heads_named_in_presets_exist_in_the_classifier_models():
     for arch in ("bert", "roberta", "distilbert", "vit", "resnet"):
-        assert lorakit.wrap(build(arch), freeze="head-only")._lorakit["trained_in_full"]
+        assert lorakit.wrap(build(arch), freeze="head-only").lorakit_state.plan.trained_in_full
 
 
 def test_load_directory_task_and_missing_head(tmp_path):
@@ -56,9 +56,9 @@ def test_load_directory_task_and_missing_head(tmp_path):
     assert type(model).__name__ == "BertForSequenceClassification"
     assert model.config.num_labels == 3
     # the classifier was not in the checkpoint, so it is a head and trains in full
-    assert "classifier" in model._lorakit_source["missing_keys"][0]
+    assert "classifier" in model.lorakit_source.missing_keys[0]
     wrapped = lorakit.wrap(model, lora=lorakit.Lora(r=2))
-    assert "classifier" in wrapped._lorakit["trained_in_full"]
+    assert "classifier" in wrapped.lorakit_state.plan.trained_in_full
     assert torch.equal(model.bert.embeddings.word_embeddings.weight, base.embeddings.word_embeddings.weight)
 
 
@@ -75,7 +75,7 @@ def test_bundled_configs_resolve_offline():
 
     for name in ("meta-llama/Llama-3.1-8B", "llama-3.1-70b", "bert-base-uncased", "microsoft/resnet-50"):
         config, source = resolve_config(name)
-        assert source["kind"] == "zoo"
+        assert source.kind == "zoo"
     assert resolve_config("Qwen/Qwen2.5-7B")[0].num_hidden_layers == 28
 
 
@@ -97,7 +97,7 @@ def test_real_minilm_loads_wraps_and_trains():
     model = lorakit.load(path, task="seq-cls", num_labels=3)
     assert 22_000_000 < sum(p.numel() for p in model.parameters()) < 23_000_000
     model = lorakit.wrap(model, lora=lorakit.Lora(r=8))
-    assert set(model._lorakit["trained_in_full"]) == {"bert.pooler", "classifier"}
+    assert set(model.lorakit_state.plan.trained_in_full) == {"bert.pooler", "classifier"}
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path)

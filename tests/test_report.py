@@ -14,7 +14,7 @@ from test_wrap import CASES
 
 import lorakit
 from lorakit.cli import main
-from lorakit.report import quantized_bytes
+from lorakit.accounting import quantized_bytes
 
 
 def real_parameter_count(model) -> tuple[int, int]:
@@ -68,7 +68,7 @@ def test_quantized_counts_and_bytes_equal_the_real_quantized_model(arch, quant):
 def test_quantized_byte_formula_matches_bitsandbytes(shape, double_quant):
     import bitsandbytes as bnb
 
-    from lorakit.report import _state_bytes
+    from lorakit.accounting import quant_state_bytes as _state_bytes
 
     weight = torch.randn(*shape)
     param = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", compress_statistics=double_quant)
@@ -118,7 +118,7 @@ def test_layer_rows_kind_rows_and_depth():
     by_kind = {r.name: r for r in lorakit.report(build("bert"), lora=4, by="kind").rows}
     assert set(by_kind) == {"Embedding", "Norm", "Linear"}
     assert by_kind["Linear"].lora_parameters == result.total.lora_parameters
-    deep = lorakit.report(build("bert"), lora=4, depth=5)
+    deep = lorakit.report(build("bert"), lora=4, by=5)
     assert "bert.encoder.layer.0.attention" in [r.name for r in deep.rows]
     for view in (by_kind.values(), deep.rows):
         assert sum(r.trainable_parameters for r in view) == result.total.trainable_parameters

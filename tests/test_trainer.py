@@ -50,7 +50,7 @@ def test_trains_and_saves_adapter_only_loadable_by_plain_peft(tmp_path):
     assert "adapter_model.safetensors" in files and "lorakit_manifest.json" in files
     assert "model.safetensors" not in files  # never the frozen base
     manifest = json.loads((tmp_path / "final" / "lorakit_manifest.json").read_text())
-    assert manifest["lora"]["r"] == 4 and manifest["report"]["trainable_parameters"] > 0
+    assert manifest["plan"]["lora"]["r"] == 4 and manifest["report"]["trainable_parameters"] > 0
     assert set(manifest["files"]) == {"adapter_config.json", "adapter_model.safetensors"}
     # plain peft loads it onto the base and reproduces the trained model, head included
     reloaded = PeftModel.from_pretrained(build("bert"), str(tmp_path / "final")).eval()

@@ -76,8 +76,8 @@ def test_trainable_counts_match_shapes_and_plain_peft(arch):
 
     wrapped = lorakit.wrap(build(arch), lora=lorakit.Lora(**spec))
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
-    assert set(wrapped._lorakit["targets"]) == expected_names
-    assert sorted(wrapped._lorakit["trained_in_full"]) == sorted(heads)
+    assert set(wrapped.lorakit_state.plan.target_names) == expected_names
+    assert sorted(wrapped.lorakit_state.plan.trained_in_full) == sorted(heads)
     assert trainable == expected
 
     by_hand = get_peft_model(build(arch), LoraConfig(r=spec["r"], lora_alpha=8, **peft_kwargs))
@@ -112,7 +112,7 @@ def test_lora_layers_select_blocks_like_peft_layers_to_transform():
     ours = lorakit.wrap(build("llama"), lora=lorakit.Lora(r=4, targets="attention", layers="last:1"))
     theirs = get_peft_model(build("llama"), LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
                                                        layers_to_transform=[2], layers_pattern="layers"))
-    assert all(".layers.2." in n for n in ours._lorakit["targets"])
+    assert all(".layers.2." in n for n in ours.lorakit_state.plan.target_names)
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
 
 
@@ -120,7 +120,9 @@ def test_rank_pattern_rslora_and_dora_reach_peft():
     model = lorakit.wrap(build("llama"), lora=lorakit.Lora(r=4, targets=["q_proj", "v_proj"], use_rslora=True,
                                                            use_dora=True, rank_pattern={"v_proj": 2}))
     config = model.peft_config["default"]
-    assert config.use_rslora and config.use_dora and config.rank_pattern == {"v_proj": 2}
+    # the plan's per-module ranks reach peft by exact module name
+    assert config.use_rslora and config.use_dora and set(config.rank_pattern.values()) == {2}
+    assert len(config.rank_pattern) == len(model.base_model.model.model.layers) and all(k.endswith("v_proj") for k in config.rank_pattern)
     v = model.base_model.model.model.layers[0].self_attn.v_proj
     assert v.lora_A["default"].weight.shape[0] == 2
     assert "lora_magnitude_vector" in dict(model.named_modules())[
@@ -205,6 +207,6 @@ def test_unknown_architecture_works_through_all_linear_and_names():
                                      vocab_size=100, word_embed_proj_dim=32))
     assert lorakit.targets(model).preset == "default"
     wrapped = lorakit.wrap(model, lora=lorakit.Lora(r=2, targets="all-linear"))
-    assert len(wrapped._lorakit["targets"]) == 2 * 6  # q, k, v, out_proj, fc1, fc2 per block; not lm_head
+    assert len(wrapped.lorakit_state.plan.target_names) == 2 * 6  # q, k, v, out_proj, fc1, fc2 per block; not lm_head
     by_name = lorakit.wrap(OPTForCausalLM(model.config), lora=lorakit.Lora(r=2, targets=["q_proj", "v_proj"]))
-    assert len(by_name._lorakit["targets"]) == 4
+    assert len(by_name.lorakit_state.plan.target_names) == 4

@@ -1,0 +1,117 @@
+"""Facts about module and parameter names and kinds, asked in one place.
+
+Nothing here decides what a spec does (that is `plan`): these functions only
+answer "does this suffix match?", "what kind of layer is this?", "what is this
+peft parameter called in the base model?", "which task does this class do?".
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Architecture-name endings -> task, to default the task from a config's architectures or a model's class.
+ARCHITECTURE_TASKS = (
+    ("ForSequenceClassification", "seq-cls"), ("ForTokenClassification", "token-cls"),
+    ("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"), ("ForConditionalGeneration", "seq2seq"),
+    ("ForImageClassification", "image-cls"), ("ForMaskedLM", "masked-lm"),
+)
+# peft's parameter-name markers for adapter tensors
+LORA_PARTS = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def suffix_match(name: str, suffix: str) -> bool:
+    """`suffix` names `name` itself or its last dotted parts (peft's rule for target_modules)."""
+    return name == suffix or name.endswith("." + suffix)
+
+
+def under(name: str, prefixes: Any) -> bool:
+    """`name` is one of `prefixes` or lies inside one of them."""
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def outermost(names: Any) -> list[str]:
+    """The names not inside another of them (`classifier`, not also `classifier.dense`)."""
+    chosen = set(names)
+    return sorted(n for n in chosen if not any(n.startswith(o + ".") for o in chosen))
+
+
+def task_of_class(class_name: str) -> str | None:
+    return next((task for ending, task in ARCHITECTURE_TASKS if class_name.endswith(ending)), None)
+
+
+def adaptable_kind(module: Any) -> str | None:
+    """What peft can put LoRA on: "Linear" (bitsandbytes layers subclass it), "Conv1D", "Conv2d",
+    "Embedding"; None for anything else."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, torch.nn.Linear):
+        return "Linear"
+    if isinstance(module, Conv1D):
+        return "Conv1D"
+    if isinstance(module, torch.nn.Conv2d):
+        return "Conv2d"
+    if isinstance(module, torch.nn.Embedding):
+        return "Embedding"
+    return None
+
+
+def is_norm(module: Any) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+def module_kind(module: Any) -> str:
+    """The kind a report groups by: Linear (Conv1D and quantized layers too), Conv, Embedding, Norm, or the
+    class name."""
+    kind = adaptable_kind(module)
+    if kind in ("Linear", "Conv1D"):
+        return "Linear"
+    if kind == "Conv2d" or type(module).__name__.startswith("Conv"):
+        return "Conv"
+    if kind == "Embedding" or "Embedding" in type(module).__name__:
+        return "Embedding"
+    return "Norm" if is_norm(module) else type(module).__name__
+
+
+def out_features(module: Any) -> int:
+    """Output features of a Linear/Conv1D weight (Conv1D stores its weight transposed)."""
+    weight = module.weight
+    return weight.shape[1] if adaptable_kind(module) == "Conv1D" else weight.shape[0]
+
+
+def output_embedding_names(model: Any) -> set[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    output = get() if callable(get) else None
+    return {n for n, m in model.named_modules() if output is not None and m is output}
+
+
+# ---- peft's names ------------------------------------------------------------
+
+def peft_role(name: str) -> tuple[str, str]:
+    """(role, name in the unwrapped base) of a parameter or module name of a peft-wrapped model.
+
+    role is "lora" (adapter weights, named by the module they adapt), "copy" (a modules_to_save
+    copy, named by the module it copies) or "base"."""
+    stripped = name.removeprefix("base_model.model.")
+    if "lora_" in stripped:
+        return "lora", stripped.split(".lora_")[0]
+    if ".modules_to_save." in stripped:
+        return "copy", stripped.split(".modules_to_save")[0]
+    return "base", stripped.replace(".base_layer", "").replace(".original_module", "")
+
+
+def base_name(name: str) -> str | None:
+    """A parameter's name in the unwrapped base model, or None for peft's own (LoRA, copies)."""
+    role, original = peft_role(name)
+    return original if role == "base" else None
+
+
+def adapter_key(key: str) -> tuple[str, str | None]:
+    """A key of adapter_model.safetensors as (module name in the base, LoRA part), or (base parameter
+    name, None) for a tensor of a module trained in full (peft saves those under their base names)."""
+    name = key.removeprefix("base_model.model.")
+    for part in LORA_PARTS:
+        marker = f".{part}"
+        if marker in name:
+            return name.split(marker)[0], part
+    return name, None

@@ -1,0 +1,99 @@
+"""What lorakit remembers about a model: two small typed records.
+
+* `Source`, set by `lorakit.load`: where the model came from, its task, and
+  which weights the checkpoint lacked (new heads, which `wrap` then trains).
+* `State`, set by `lorakit.wrap`: the Plan it executed, the source, and the
+  fingerprint of the base as loaded. The adapter manifest saves exactly this.
+
+Both live on the model as `model.lorakit_source` / `model.lorakit_state`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.util
+import math
+import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .names import base_name
+
+if TYPE_CHECKING:
+    from .plan import Plan
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str                 # "dir", "package", "zoo", "hub", "config"
+    id: str                   # portable where possible: a Hub id, or "package:NAME/path" (see load)
+    revision: str | None = None
+    task: str | None = None
+    missing_keys: tuple[str, ...] = ()
+    path: str | None = None   # the folder on this machine; not saved (it is not portable)
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        for local in ("missing_keys", "path"):
+            data.pop(local)
+        return {k: v for k, v in data.items() if v is not None}
+
+
+@dataclass(frozen=True)
+class State:
+    plan: Plan
+    source: Source | None
+    fingerprint: dict
+
+    def to_dict(self) -> dict:
+        return {"plan": self.plan.to_dict(), "source": self.source.to_dict() if self.source else None,
+                "fingerprint": self.fingerprint}
+
+
+def source_of(model: Any) -> Source | None:
+    return getattr(model, "lorakit_source", None)
+
+
+def state_of(model: Any) -> State | None:
+    return getattr(model, "lorakit_state", None)
+
+
+def fingerprint(model: Any) -> dict:
+    """What identifies a base: its parameter names and real shapes, and a few of its embedding values
+    (left out on the meta device, where there are none)."""
+    import torch
+
+    lines, sample = [], None
+    for name, param in model.named_parameters():
+        original = base_name(name)
+        if original is None:
+            continue
+        state = getattr(param, "quant_state", None)
+        shape = tuple(state.shape) if state is not None else tuple(param.shape)
+        lines.append(f"{original}:{shape}")
+        if (sample is None and param.is_floating_point() and not param.is_meta and "embed" in original
+                and math.prod(shape) >= 16):
+            sample = param.detach().flatten()[:1024].to(torch.float32).cpu().numpy().tobytes()
+    config = getattr(model, "config", None)
+    return {"model_type": getattr(config, "model_type", type(model).__name__),
+            "shapes_sha256": hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest(),
+            "embedding_sample_sha256": hashlib.sha256(sample).hexdigest() if sample is not None else None}
+
+
+def is_quantized(model: Any) -> bool:
+    """Loaded or wrapped with 8/4-bit bitsandbytes layers (asks bitsandbytes only if it is imported)."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        return True
+    if getattr(model, "hf_quantizer", None) is not None:
+        return True
+    if importlib.util.find_spec("bitsandbytes") is None or "bitsandbytes" not in sys.modules:
+        return False
+    import bitsandbytes as bnb
+
+    return any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
+
+
+def is_wrapped(model: Any) -> bool:
+    return hasattr(model, "peft_config") or state_of(model) is not None or any(
+        "lora_A" in n for n, _ in model.named_modules())
