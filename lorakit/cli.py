@@ -7,6 +7,7 @@ no traceback. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -116,6 +117,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA, freezing and quantization for Hugging Face "
                                      "models: see exactly what each choice costs.")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     compare = sub.add_parser("compare-parameters", help="per-layer trainable parameters and training memory vs "
@@ -175,13 +177,27 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except LorakitError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        if exc.hint:
-            print(f"hint: {exc.hint}", file=sys.stderr)
-        return 2
+        return _error(exc.message, exc.hint, 2)
+    except BrokenPipeError:  # `lorakit ... | head`: the reader left; stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:  # the disk, not lorakit: a full disk, a folder that vanished, a permission
+        where = f": {exc.filename}" if exc.filename else ""
+        return _error(f"{exc.strerror or exc}{where}", "check the path, its permissions and the free space", 1)
+    except Exception as exc:  # noqa: BLE001 - a bug: one short line, the traceback on request
+        if args.debug:
+            raise
+        return _error(f"unexpected {type(exc).__name__}: {exc}".splitlines()[0][:300],
+                      "this is a bug in lorakit; run again with --debug for the traceback, and report it", 1)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
+        return _error("interrupted", None, 130)
+
+
+def _error(message: str, hint: str | None, status: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    if hint:
+        print(f"hint: {hint}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":  # pragma: no cover

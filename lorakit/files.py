@@ -17,13 +17,20 @@ from typing import Any
 from .errors import LorakitError
 
 
-def refuse_existing(path: str | os.PathLike, force: bool) -> None:
-    """Raise unless `path` can be written: its folder exists, and it does not (or `force`)."""
+def refuse_existing(path: str | os.PathLike, force: bool, *, folder: bool = False) -> None:
+    """Raise unless `path` can be written: its parent folder exists and is writable, and `path` does not exist
+    (or `force`, and it is of the kind to be written: a file, or with `folder` a folder)."""
     path = Path(path)
     if path.exists() and not force:
         raise LorakitError(f"{path} already exists", hint="pass --force to overwrite it, or choose another path")
+    if path.exists() and path.is_dir() != folder:
+        raise LorakitError(f"{path} is {'a file' if folder else 'a folder'}, not {'a folder' if folder else 'a file'}",
+                           hint="choose another path; --force replaces only something of the same kind")
     if not path.parent.is_dir():
         raise LorakitError(f"folder {path.parent} does not exist", hint="create it first, or choose another path")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise LorakitError(f"cannot write into {path.parent}: permission denied",
+                           hint="choose a folder you can write to")
 
 
 @contextmanager

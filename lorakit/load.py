@@ -188,7 +188,7 @@ def build_from_config(config: Any, task: str | None = None, *, meta: bool = Fals
             with torch.device("meta"):
                 return cls.from_config(config, **kwargs)
         return cls.from_config(config, **kwargs)
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:  # RuntimeError: bad dimensions
         raise LorakitError(f"cannot build a {task} model from this {config.model_type} config: {exc}",
                            hint=f"pick another task with task=... (one of {', '.join(TASKS)})") from None
 
@@ -230,15 +230,11 @@ def load(model: str | os.PathLike, *, task: str | None = None, quant: Quant | st
     try:
         with _without_load_report():
             loaded, info = auto_class(task).from_pretrained(where, **kwargs)
-    except OSError as exc:
-        if source.kind == "zoo":
-            raise ModelNotFoundError(
-                f"{source.id} is bundled as a config only; its weights need the Hub or its cache",
-                hint="use lorakit.report / compare-parameters for offline accounting, "
-                     "or download the model once and pass its folder") from None
-        raise ModelNotFoundError(f"cannot load weights for {where}: {exc}",
-                                 hint="the folder needs model.safetensors (lorakit never unpickles .bin files)"
-                                 ) from None
+    except Exception as exc:  # noqa: BLE001 - sorted into user mistakes and bugs by _loading_error
+        error = _loading_error(source, where, exc)
+        if error is exc:
+            raise
+        raise error from None
     loaded.lorakit_source = dataclasses.replace(source, task=task,
                                                 missing_keys=tuple(sorted(info.get("missing_keys", []))))
     _log_loading(source.id, info)
@@ -270,6 +266,21 @@ def _log_loading(name: str, info: dict) -> None:
     if unexpected:
         logger.warning("%s: %d checkpoint weights this model does not use, e.g. %s", name, len(unexpected),
                        unexpected[0])
+
+
+def _loading_error(source: Source, where: str, exc: Exception) -> Exception:
+    """A user-facing error for a failed from_pretrained, or the exception itself if it is a bug."""
+    if type(exc).__name__ == "SafetensorError":
+        return LorakitError(f"the weights of {where} are corrupt or truncated ({exc})",
+                            hint="re-save or re-download the model; lorakit reads safetensors only")
+    if not isinstance(exc, OSError):
+        return exc
+    if source.kind == "zoo":
+        return ModelNotFoundError(f"{source.id} is bundled as a config only; its weights need the Hub or its cache",
+                                  hint="use lorakit.report / compare-parameters for offline accounting, "
+                                       "or download the model once and pass its folder")
+    return ModelNotFoundError(f"cannot load weights for {where}: {exc}",
+                              hint="the folder needs model.safetensors (lorakit never unpickles .bin files)")
 
 
 def _config_dtype(config: Any) -> Any:

@@ -21,7 +21,7 @@ from typing import Any
 from .adapter import MANIFEST, refuse_pickled, saved_plan, sha256_file, verify as verify_files, versions
 from .errors import LorakitError, SpecError
 from .files import refuse_existing, write_json_atomic
-from .load import build_from_config, hub_reachable, resolve_config
+from .load import build_from_config, hub_reachable, package_path, resolve_config
 from .names import adapter_key
 from .specs import torch_dtype
 from .state import Source
@@ -96,12 +96,12 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
         raise SpecError(f"into must be 'original' or 'dequantized', got {into!r}")
     torch_dtype(dtype)
     out = Path(out_dir)
-    refuse_existing(out, force)
+    staging, old = _leftovers(out)  # first: it may bring back an output a killed merge had set aside
+    refuse_existing(out, force, folder=True)
     loaded = [_read_adapter(f) for f in folders]
     base = base if base is not None else _base_from_manifest(loaded[0])
+    _refuse_overlap(out, base, folders)
     _check_compatible(loaded)
-    staging = out.parent / f".{out.name}.lorakit-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
         in_memory_base = hasattr(base, "named_parameters")
@@ -140,7 +140,7 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
             "merged_layers": stats["merged_layers"], "versions": versions(),
         }
         write_json_atomic(staging / "merge_report.json", report)
-        _publish(staging, out, force)
+        _publish(staging, out, old)
         return report
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -237,12 +237,35 @@ def _copy_side_files(base_dir: Path | None, staging: Path) -> None:
             shutil.copy2(base_dir / name, staging / name)
 
 
-def _publish(staging: Path, out: Path, force: bool) -> None:
-    """Rename the finished folder into place; with force, the old one is removed only after."""
+def _leftovers(out: Path) -> tuple[Path, Path]:
+    """The staging and set-aside folders of a merge into `out`, fixed names beside it, and what a killed
+    merge left there put right: a set-aside old output comes back if none replaced it, the rest goes."""
+    staging, old = out.parent / f".{out.name}.lorakit-staging", out.parent / f".{out.name}.lorakit-old"
+    if old.exists() and not out.exists():  # killed between moving the old output aside and publishing
+        os.replace(old, out)
+    for leftover in (staging, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    return staging, old
+
+
+def _refuse_overlap(out: Path, base: Any, adapters: list[Path]) -> None:
+    """An output that is, contains or lies inside an input would destroy it: refused, even with --force."""
+    inputs = list(adapters)
+    if isinstance(base, (str, os.PathLike)):
+        text = str(base)
+        inputs.append(package_path(text) if text.startswith("package:") else Path(text))
+    target = out.resolve()
+    for given in inputs:
+        path = given.resolve()
+        if target == path or path in target.parents or target in path.parents:
+            raise LorakitError(f"the output {out} overlaps the input {given}: writing it would destroy the input",
+                               hint="choose an output folder outside the base model and adapter folders")
+
+
+def _publish(staging: Path, out: Path, old: Path) -> None:
+    """Rename the finished folder into place; an existing output (allowed by --force) is set aside first
+    and removed only after, so a kill in between leaves one complete folder to restore (`_leftovers`)."""
     if out.exists():
-        if not force:
-            raise LorakitError(f"{out} already exists", hint="pass --force")
-        old = out.parent / f".{out.name}.lorakit-old-{os.getpid()}"
         os.replace(out, old)
         os.replace(staging, out)
         shutil.rmtree(old, ignore_errors=True)

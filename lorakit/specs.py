@@ -9,6 +9,7 @@ exist? is block 30 in range?) happen in `wrap`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -114,8 +115,9 @@ class Lora:
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
             raise SpecError(f"Lora.r must be a positive integer, got {self.r!r}", hint="typical ranks are 4, 8 or 16")
-        if self.alpha is not None and not self.alpha > 0:
-            raise SpecError(f"Lora.alpha must be > 0, got {self.alpha!r}", hint="a common choice is alpha = 2*r")
+        if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < math.inf):
+            raise SpecError(f"Lora.alpha must be a finite number > 0, got {self.alpha!r}",
+                            hint="a common choice is alpha = 2*r")
         if not 0 <= self.dropout < 1:
             raise SpecError(f"Lora.dropout must be in [0, 1), got {self.dropout!r}", hint="0.05 or 0.1 are usual")
         if self.bias not in ("none", "all", "lora_only"):
@@ -124,8 +126,8 @@ class Lora:
             if not isinstance(value, int) or value <= 0:
                 raise SpecError(f"Lora.rank_pattern[{name!r}] must be a positive integer, got {value!r}")
         for name, value in self.alpha_pattern.items():
-            if not value > 0:
-                raise SpecError(f"Lora.alpha_pattern[{name!r}] must be > 0, got {value!r}")
+            if not (isinstance(value, (int, float)) and 0 < value < math.inf):
+                raise SpecError(f"Lora.alpha_pattern[{name!r}] must be a finite number > 0, got {value!r}")
         if isinstance(self.targets, str) and "," in self.targets:
             self.targets = [t.strip() for t in self.targets.split(",") if t.strip()]
         if isinstance(self.targets, (list, tuple)):

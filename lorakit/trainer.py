@@ -24,6 +24,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .adapter import load_trained, save_extras, verify
+from .checkpoints import TRASH, rotate, seal, verify_checkpoint
 from .errors import LorakitError
 from .plan import model_task
 from .render import summary
@@ -33,7 +34,6 @@ from .wrap import wrap
 
 logger = logging.getLogger("lorakit")
 _STAGING = ".lorakit-staging"
-_TRASH = ".lorakit-trash-"  # a checkpoint being deleted: renamed aside first, so no half-deleted one keeps its name
 
 
 def training_args(output_dir: str, **overrides: Any) -> TrainingArguments:
@@ -63,22 +63,6 @@ _GRADIENT_HINT = (
 
 def _is_no_decay(name: str, module: Any) -> bool:
     return name.endswith("bias") or "norm" in type(module).__name__.lower()
-
-
-def rotate(run_dir: Path, limit: int | None, best: str | None) -> None:
-    """transformers' rotation rule (keep `limit`, the newest and the best), but each old checkpoint is
-    renamed aside before it is deleted: a kill mid-delete leaves no broken folder named like a checkpoint."""
-    from transformers.trainer_utils import sort_checkpoints
-
-    if not limit or limit <= 0:
-        return
-    checkpoints = sort_checkpoints(str(run_dir), PREFIX_CHECKPOINT_DIR, False)
-    protected = {checkpoints[-1], *([str(Path(best))] if best else [])} if checkpoints else set()
-    surplus = len(checkpoints) - max(limit, len(protected))
-    for checkpoint in [c for c in checkpoints if c not in protected][:max(surplus, 0)]:
-        trash = run_dir / (_TRASH + Path(checkpoint).name)
-        os.replace(checkpoint, trash)
-        shutil.rmtree(trash)
 
 
 class LoraTrainer(Trainer):
@@ -132,6 +116,12 @@ class LoraTrainer(Trainer):
             raise LorakitError(f"{run_dir} already holds {Path(earlier).name} from an earlier run; a fresh run "
                                "would replace its checkpoints", hint="resume it with train(resume_from_checkpoint="
                                "True), or choose another output_dir")
+        if resume_from_checkpoint:
+            chosen = earlier if resume_from_checkpoint is True else resume_from_checkpoint
+            if chosen is None:
+                raise LorakitError(f"resume_from_checkpoint=True, but {run_dir} holds no checkpoint",
+                                   hint="start a fresh run (no resume_from_checkpoint)")
+            verify_checkpoint(Path(chosen))
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> Any:
@@ -217,7 +207,7 @@ class LoraTrainer(Trainer):
         staging = run_dir / _STAGING
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save:
-            for leftover in [staging, *run_dir.glob(_TRASH + "*")]:  # from a killed run
+            for leftover in [staging, *run_dir.glob(TRASH + "*")]:  # from a killed run
                 shutil.rmtree(leftover, ignore_errors=True)
         self._staging = True
         try:
@@ -225,21 +215,22 @@ class LoraTrainer(Trainer):
         finally:
             self._staging = False
         distributed = self.args.parallel_mode.value == "distributed"
-        if distributed:  # every rank has written its part (RNG state) before the folder moves
+        if distributed:  # every rank has written its part (RNG state) before the folder is sealed and moved
             import torch.distributed as dist
 
             dist.barrier()
         if self.args.should_save:
-            final = run_dir / name
-            if final.exists():  # the same step saved again (a resumed run): swap, never delete first
-                os.replace(final, run_dir / (_TRASH + name))
-            os.replace(staging / name, final)
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.rmtree(run_dir / (_TRASH + name), ignore_errors=True)
+            done, final = staging / name, run_dir / name
             if self.state.best_model_checkpoint:
                 self.state.best_model_checkpoint = self.state.best_model_checkpoint.replace(
                     str(staging), str(run_dir))
-                self.state.save_to_json(str(final / "trainer_state.json"))
+                self.state.save_to_json(str(done / "trainer_state.json"))
+            seal(done)
+            if final.exists():  # the same step saved again (a resumed run): swap, never delete first
+                os.replace(final, run_dir / (TRASH + name))
+            os.replace(done, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(run_dir / (TRASH + name), ignore_errors=True)
             rotate(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
         if distributed:
             dist.barrier()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .errors import LorakitError
+from .errors import LorakitError, ModelNotFoundError
 from .load import auto_class, load, task_from_config
 from .specs import Quant
 from .wrap import quiet_peft
@@ -31,7 +31,12 @@ def base_model(base: Any, task_config: Any, quant: Any = None) -> Any:
         model = load(where, task=task, quant=quant, num_labels=task_config.num_labels,
                      id2label=task_config.id2label, label2id=task_config.label2id)
     else:
-        model = auto_class(task).from_pretrained(where, config=task_config, use_safetensors=True)
+        try:
+            model = auto_class(task).from_pretrained(where, config=task_config, use_safetensors=True)
+        except OSError as exc:
+            raise ModelNotFoundError(f"cannot read the base weights in {where}: {str(exc).splitlines()[0]}",
+                                     hint="the base needs model.safetensors; lorakit never unpickles "
+                                          "pytorch_model.bin (convert it once with save_pretrained)") from None
     return model.eval()
 
 

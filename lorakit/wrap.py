@@ -99,6 +99,9 @@ def wrap(model: Any, *, lora: Any = None, freeze: Any = None, quant: Any = None,
     `quant`: a `Quant`, "8bit" or "4bit"; `preset`: a preset name from adapters_zoo (default: by model type)."""
     if lora is None and freeze is None and quant is None:
         raise SpecError("wrap() was given nothing to do", hint="pass lora=..., freeze=... and/or quant=...")
+    if not hasattr(model, "named_parameters"):
+        raise SpecError(f"wrap() takes a model (a torch.nn.Module), got {type(model).__name__}",
+                        hint="load one first, e.g. model = lorakit.load(path)")
     if is_wrapped(model):
         raise AlreadyWrappedError("this model is already wrapped (it has adapters or a lorakit spec)",
                                   hint="wrap the original model once, with every spec in one call")

@@ -21,11 +21,10 @@ LAYERS = [
     ["plan"],
     ["quantize"],
     ["load", "wrap", "accounting"],
-    ["verify"],
-    ["report"],
+    ["report", "verify"],
     ["render", "data", "metrics"],
     ["adapter"],
-    ["streaming"],
+    ["streaming", "checkpoints"],
     ["trainer", "merging"],
     ["cli"],
 ]

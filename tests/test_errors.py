@@ -66,7 +66,7 @@ def test_blocks_on_a_model_without_blocks():
 
 @pytest.mark.parametrize("make,words", [
     (lambda: lorakit.Lora(r=0), "positive integer"),
-    (lambda: lorakit.Lora(alpha=0), "alpha must be > 0"),
+    (lambda: lorakit.Lora(alpha=0), "alpha must be a finite number > 0"),
     (lambda: lorakit.Lora(dropout=1.0), "[0, 1)"),
     (lambda: lorakit.Lora(layers="3-1"), "backwards"),
     (lambda: lorakit.Freeze(), "freezes nothing"),

@@ -78,7 +78,7 @@ def test_a_fresh_run_never_replaces_an_earlier_runs_checkpoint(tmp_path):
 
 
 def test_rotation_renames_a_checkpoint_aside_before_deleting_it(tmp_path):
-    from lorakit.trainer import rotate
+    from lorakit.checkpoints import rotate
 
     for step in (1, 2, 3):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -127,3 +127,11 @@ def test_zoo_adapters_are_package_data():
                for p in glob.glob(str(ROOT / "adapters_zoo" / pattern), recursive=True)}
     assert {f"adapters/minilm-drug-reviews-lora/{name}" for name in
             ("adapter_config.json", "adapter_model.safetensors", MANIFEST)} <= shipped
+
+
+def test_python_dash_m_lorakit_is_the_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "lorakit", "zoo"], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0 and "presets" in done.stdout and "bert" in done.stdout
