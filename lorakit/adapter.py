@@ -185,7 +185,7 @@ def load_adapter(model: Any, folder: str | Path, *, is_trainable: bool = False) 
     (a `peft.PeftModel` for a LoRA adapter)."""
     folder = Path(folder)
     refuse_pickled(folder)
-    manifest = verify(folder, model)
+    verify(folder, model)
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
         from safetensors import safe_open

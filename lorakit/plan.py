@@ -14,16 +14,16 @@ here, so a refused spec never leaves a model half-changed.
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import re
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import QuantizationError, SpecError, TargetError, closest
-from .names import (adaptable_kind, is_norm, outermost, output_embedding_names, suffix_match, task_of_class, under)
-from .specs import Freeze, Lora, Quant, resolve_blocks, spec_dict
+from .errors import QuantizationError, SpecError, TargetError
+from .names import adaptable_kind, is_norm, outermost, output_embedding_names, suffix_match, task_of_class, under
+from .specs import Freeze, Lora, Quant, spec_dict
 from .state import is_quantized, source_of
-from .zoo import Preset, block_of, find_block_lists, preset_for
+from .targeting import candidates, did_you_mean, in_blocks, pattern_value, resolve_targets
+from .zoo import Preset, find_block_lists, preset_for
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Target:
 class Plan:
     preset: str
     task: str
-    lora: Lora | None
+    lora: Lora | None                     # as resolved: every default filled in (see `defaults`)
     freeze: Freeze | None
     quant: Quant | None
     targets: tuple[Target, ...]
@@ -59,8 +59,9 @@ class Plan:
         return [t.name for t in self.targets]
 
     def default(self, knob: str) -> Any:
-        """The value used for `knob` ("lora.alpha", "lora.targets"), whoever chose it."""
-        return next(value for name, value, _ in self.defaults if name == knob)
+        """The value used for `knob` ("lora.r", "lora.alpha", "lora.dropout", "lora.targets", "learning_rate"),
+        whoever chose it; None when nothing sets it."""
+        return next((value for name, value, _ in self.defaults if name == knob), None)
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -100,78 +101,6 @@ def _trained_in_full(model: Any, preset: Preset, lora: Lora | None) -> list[str]
     return outermost(set(heads) | set(extra))
 
 
-def did_you_mean(wanted: str, names: Any) -> str:
-    suffixes = {n.split(".")[-1] for n in names if n} | {n for n in names if n}
-    near = closest(wanted, suffixes)
-    return f"did you mean {', '.join(near)}?" if near else "see lorakit.targets(model) for the names that exist"
-
-
-def candidates(model: Any, block_lists: list[str]) -> dict[str, tuple[str, str]]:
-    """LoRA-able modules: full name -> (kind, suffix), suffix being the block-relative name inside blocks."""
-    found = {}
-    for name, module in model.named_modules():
-        kind = adaptable_kind(module)
-        if kind is None or ".base_layer" in name or "lora_" in name:
-            continue
-        where = block_of(name, block_lists)
-        found[name] = (kind, where[2] if where else name)
-    return found
-
-
-def _resolve_targets(model: Any, lora: Lora, preset: Preset, block_lists: list[str], full: list[str],
-                     wanted: Any) -> list[str]:
-    found = candidates(model, block_lists)
-    output = output_embedding_names(model)
-    excluded = set(full) | output
-    chosen: set[str] = set()
-    for entry in [wanted] if isinstance(wanted, str) else wanted:
-        if entry == "all-linear":
-            linear = {n for n, (k, _) in found.items() if k in ("Linear", "Conv1D") and not under(n, excluded)}
-            hits = {n for n in linear if block_of(n, block_lists)} or linear
-        elif entry in preset.groups:
-            hits = {n for n, (_, rel) in found.items() if block_of(n, block_lists) and preset.group_matches(entry, rel)}
-        elif entry in ("attention", "mlp", "conv"):
-            raise TargetError(f'target group "{entry}" is not defined for this model (preset: {preset.name})',
-                              hint='use "all-linear" or module names; lorakit.targets(model) lists them')
-        else:
-            hits = {n for n, (_, rel) in found.items() if suffix_match(n, entry) or fnmatch.fnmatchcase(rel, entry)}
-            if not hits:
-                suffixes = sorted({rel for _, rel in found.values()})
-                near = closest(entry, suffixes)
-                raise TargetError(f"no LoRA-able module matches target {entry!r}",
-                                  hint=(f"closest: {', '.join(near)}; " if near else "") + "modules that exist: "
-                                  f"{', '.join(suffixes[:12])}{' ...' if len(suffixes) > 12 else ''}")
-        clash = sorted(n for n in hits if under(n, excluded) and n not in output)
-        if clash and entry != "all-linear":
-            raise SpecError(f"target {entry!r} hits {', '.join(clash)}, which is trained in full",
-                            hint="drop it from Lora.targets; heads are trained in full and saved with the adapter")
-        chosen |= {n for n in hits if not under(n, excluded)}
-    if lora.layers is not None:
-        chosen = _in_blocks(model, chosen, lora.layers, block_lists, "Lora.layers")
-    if not chosen:
-        raise TargetError("this LoRA spec selects no module",
-                          hint="widen Lora.targets or Lora.layers; lorakit.targets(model) lists the candidates")
-    return sorted(chosen)
-
-
-def _in_blocks(model: Any, names: set[str], selection: list, block_lists: list[str], knob: str) -> set[str]:
-    if not block_lists:
-        raise SpecError(f"{knob} selects blocks, but this model has no repeated blocks",
-                        hint="select modules by name or regex instead")
-    modules = dict(model.named_modules())
-    wanted = {stack: resolve_blocks(selection, len(modules[stack]), knob) for stack in block_lists}
-    return {n for n in names if (where := block_of(n, block_lists)) and where[1] in wanted[where[0]]}
-
-
-def pattern_value(name: str, mapping: dict, default: Any) -> Any:
-    """peft's rank_pattern / alpha_pattern rule (`get_pattern_key`): the first key, in order, that matches
-    the module name as a regex suffix. Kept here so that planning needs no peft import."""
-    for key, value in mapping.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
-    return default
-
-
 def _trainable(model: Any, freeze: Freeze | None, preset: Preset, lora: Lora | None, full: list[str],
                block_lists: list[str]) -> dict[str, bool]:
     """Parameter name -> trains in full? (LoRA's own parameters are peft's business.)"""
@@ -194,7 +123,7 @@ def _trainable(model: Any, freeze: Freeze | None, preset: Preset, lora: Lora | N
                                 ("last_layers", [f"last:{freeze.last_layers}"] if freeze.last_layers else None),
                                 ("layers", freeze.layers)):
             if selection:
-                set_all(sorted(_in_blocks(model, set(params), selection, block_lists, f"Freeze.{knob}")), False, knob)
+                set_all(sorted(in_blocks(model, set(params), selection, block_lists, f"Freeze.{knob}")), False, knob)
         for regex in freeze.patterns:
             set_all([p for p in params if re.search(regex, p)], False, f"patterns {regex!r}")
         if freeze.backbone:
@@ -239,6 +168,31 @@ def _quantized(model: Any, skip: list[str]) -> list[str]:
     return names
 
 
+def _resolved(lora: Lora, preset: Preset) -> tuple[Lora, list[tuple[str, Any, str]]]:
+    """`lora` with every unset knob filled in (the user's value, else the preset's `recommended`, else lorakit's
+    fallback), and where each value came from. An alpha from the preset keeps the preset's alpha/r ratio."""
+    recommended, where = preset.recommended, f"preset {preset.name}"
+
+    def pick(knob: str, fallback: Any, fallback_source: str) -> tuple[Any, str]:
+        if getattr(lora, knob) is not None:
+            return getattr(lora, knob), f"Lora.{knob}"
+        return (recommended[knob], where) if knob in recommended else (fallback, fallback_source)
+
+    r, r_source = pick("r", 8, "lorakit default")
+    dropout, dropout_source = pick("dropout", 0.0, "lorakit default")
+    targets, targets_source = pick("targets", "all-linear", "lorakit default")
+    if lora.alpha is not None:
+        alpha, alpha_source = lora.alpha, "Lora.alpha"
+    elif "alpha" in recommended:
+        ratio = recommended["alpha"] / recommended.get("r", r)
+        alpha, alpha_source = ratio * r, f"{where} (alpha/r = {ratio:g})"
+    else:
+        alpha, alpha_source = 2 * r, "lorakit default: 2*r"
+    resolved = dataclasses.replace(lora, r=r, alpha=alpha, dropout=dropout, targets=targets)
+    return resolved, [("lora.r", r, r_source), ("lora.alpha", alpha, alpha_source),
+                      ("lora.dropout", dropout, dropout_source), ("lora.targets", targets, targets_source)]
+
+
 def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze | str | dict | None = None,
               quant: Quant | str | None = None, preset: str | None = None) -> Plan:
     """Decide what `lora`, `freeze` and `quant` do to `model` (real or on the meta device). Changes nothing."""
@@ -251,19 +205,17 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
     skipped = [(n, "output embedding (tied to the input embedding in many models)")
                for n in sorted(output_embedding_names(model)) if lora]
     if lora:
-        wanted, source = ((lora.targets, "Lora.targets") if lora.targets is not None else
-                          (chosen.recommended["targets"], f"preset {chosen.name}") if "targets" in chosen.recommended
-                          else ("all-linear", "lorakit default"))
-        alpha, alpha_source = ((lora.alpha, "Lora.alpha") if lora.alpha is not None else
-                               (chosen.recommended["alpha"], f"preset {chosen.name}") if "alpha" in chosen.recommended
-                               else (2 * lora.r, "lorakit default: 2*r"))
-        defaults += [("lora.targets", wanted, source), ("lora.alpha", alpha, alpha_source)]
+        lora, defaults = _resolved(lora, chosen)
         kinds = dict(candidates(model, block_lists))
-        for name in _resolve_targets(model, lora, chosen, block_lists, full, wanted):
+        for name in resolve_targets(model, lora, chosen, block_lists, full, lora.targets):
             targets.append(Target(name, kinds[name][0], pattern_value(name, lora.rank_pattern, lora.r),
-                                  pattern_value(name, lora.alpha_pattern, alpha)))
+                                  pattern_value(name, lora.alpha_pattern, lora.alpha)))
         skipped += [(n, "trained in full") for n in full]
+    if "learning_rate" in chosen.recommended:
+        defaults.append(("learning_rate", chosen.recommended["learning_rate"], f"preset {chosen.name}"))
     trainable = _trainable(model, freeze, chosen, lora, full, block_lists)
+    adapted = {t.name for t in targets}  # peft freezes what it wraps (its base_layer), whatever the freeze spec says
+    trainable = {n: t and not under(n.rpartition(".")[0], adapted) for n, t in trainable.items()}
     quantized: list[str] = []
     quant_skips: dict[str, str] = {}
     if quant is not None:

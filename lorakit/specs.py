@@ -95,10 +95,12 @@ def resolve_blocks(selection: list[str | int], count: int, knob: str) -> set[int
 class Lora:
     """Low-rank adapters, applied by peft."""
 
-    r: int = _help("rank of the update B·A", default=8)
+    r: int | None = _help("rank of the update B·A; default: the family preset's (adapters_zoo/presets), else 8",
+                          default=None)
     alpha: float | None = _help("scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rslora); "
-                                "default: the family preset's, else 2*r", default=None)
-    dropout: float = _help("dropout on the adapter input, in [0, 1)", default=0.0)
+                                "default: the preset's alpha/r ratio times r, else 2*r", default=None)
+    dropout: float | None = _help("dropout on the adapter input, in [0, 1); default: the preset's, else 0",
+                                  default=None)
     targets: str | list[str] | None = _help(
         '"attention", "mlp", "all-linear" or module names (suffixes such as "query", or full names); '
         "default: the family preset's", default=None)
@@ -113,12 +115,12 @@ class Lora:
                                    "(peft modules_to_save)", default_factory=list)
 
     def __post_init__(self) -> None:
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+        if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0):
             raise SpecError(f"Lora.r must be a positive integer, got {self.r!r}", hint="typical ranks are 4, 8 or 16")
         if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < math.inf):
             raise SpecError(f"Lora.alpha must be a finite number > 0, got {self.alpha!r}",
                             hint="a common choice is alpha = 2*r")
-        if not 0 <= self.dropout < 1:
+        if self.dropout is not None and not 0 <= self.dropout < 1:
             raise SpecError(f"Lora.dropout must be in [0, 1), got {self.dropout!r}", hint="0.05 or 0.1 are usual")
         if self.bias not in ("none", "all", "lora_only"):
             raise SpecError(f'Lora.bias must be "none", "all" or "lora_only", got {self.bias!r}')

@@ -18,7 +18,8 @@ from typing import Any
 
 from .errors import AlreadyWrappedError, SpecError
 from .names import peft_role
-from .plan import Plan, candidates, make_plan
+from .plan import Plan, make_plan
+from .targeting import candidates
 from .quantize import quantize, require_bitsandbytes
 from .specs import Lora
 from .state import State, fingerprint, is_wrapped, source_of
@@ -64,8 +65,8 @@ def lora_config(plan: Plan) -> Any:
     spec's own are passed per module by exact name, so peft applies the plan's values, not its own matching."""
     from peft import LoraConfig
 
-    lora = plan.lora
-    alpha = plan.default("lora.alpha")
+    lora = plan.lora  # resolved: r, alpha, dropout and targets are set
+    alpha = lora.alpha
     exact = {t.name: t for t in plan.targets}
     return LoraConfig(
         r=lora.r, lora_alpha=alpha, lora_dropout=lora.dropout, target_modules=plan.target_names,

@@ -18,6 +18,7 @@ LAYERS = [
     ["files", "specs"],
     ["names", "zoo"],
     ["state"],
+    ["targeting"],
     ["plan"],
     ["quantize"],
     ["load", "wrap", "accounting"],
