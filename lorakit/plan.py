@@ -211,7 +211,7 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
             targets.append(Target(name, kinds[name][0], pattern_value(name, lora.rank_pattern, lora.r),
                                   pattern_value(name, lora.alpha_pattern, lora.alpha)))
         skipped += [(n, "trained in full") for n in full]
-    if "learning_rate" in chosen.recommended:
+    if lora and "learning_rate" in chosen.recommended:  # a LoRA rate: not for full or head-only training
         defaults.append(("learning_rate", chosen.recommended["learning_rate"], f"preset {chosen.name}"))
     trainable = _trainable(model, freeze, chosen, lora, full, block_lists)
     adapted = {t.name for t in targets}  # peft freezes what it wraps (its base_layer), whatever the freeze spec says
