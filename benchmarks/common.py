@@ -12,6 +12,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+from lorakit.adapter import versions
 from lorakit.files import write_json_atomic
 
 RESULTS = Path(__file__).parent / "results"
@@ -70,16 +71,8 @@ def alternate(a: list[str], b: list[str], repeats: int, warmup: int = 1, env: di
 
 
 def environment() -> dict:
-    import importlib.metadata as md
-
-    versions = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
     return {"date": date.today().isoformat(), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-            "python": sys.version.split()[0], "versions": versions}
+            "python": sys.version.split()[0], "versions": versions()}
 
 
 def save(device: str, key: str, figures: dict) -> Path:

@@ -119,20 +119,12 @@ def cuda_context_bytes() -> int:
 
 
 def environment() -> dict:
-    import importlib.metadata as md
-    import platform
-
     import torch
 
-    versions = {}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
-        try:
-            versions[name] = md.version(name)
-        except md.PackageNotFoundError:
-            pass
-    return {"device": torch.cuda.get_device_name(0), "cuda": torch.version.cuda,
-            "total_memory": torch.cuda.get_device_properties(0).total_memory,
-            "python": platform.python_version(), "versions": versions}
+    from .common import environment as machine
+
+    return dict(machine(), device=torch.cuda.get_device_name(0), cuda=torch.version.cuda,
+                total_memory=torch.cuda.get_device_properties(0).total_memory)
 
 
 def main(argv: list[str] | None = None) -> dict:
