@@ -58,7 +58,10 @@ def fingerprint(model: Any) -> dict:
         state = getattr(param, "quant_state", None)
         shape = tuple(state.shape) if state is not None else tuple(param.shape)
         lines.append(f"{original}:{shape}")
-        if sample is None and param.is_floating_point() and "embed" in original and math.prod(shape) >= 16:
+        # meta (and fake) tensors have shapes but no values: the memory simulator wraps those
+        has_values = not param.is_meta and type(param).__name__ != "FakeTensor"
+        if sample is None and has_values and param.is_floating_point() and "embed" in original \
+                and math.prod(shape) >= 16:
             sample = param.detach().flatten()[:1024].to(torch.float32).cpu().numpy().tobytes()
     config = getattr(model, "config", None)
     return {"model_type": getattr(config, "model_type", type(model).__name__),
