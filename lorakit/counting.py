@@ -20,10 +20,16 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    UnsupportedOperatorException,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .allocator import round_size
+from .errors import LorakitError
 
 # cuBLAS takes one workspace per (handle, stream) from the caching allocator: one for the forward
 # thread, one for the autograd thread. 32 MiB each on Hopper and newer (torch's default there).
@@ -37,6 +43,7 @@ class Storage:
     step: int       # 0: setup
     phase: str      # setup | forward | backward | optimizer | workspace
     module: str     # module running when it was created ("" outside modules)
+    op: str = ""    # the op that made it
     role: str = ""  # gradients | optimizer state, when known
 
 
@@ -71,7 +78,14 @@ class LiveBytes(TorchDispatchMode):
         transient = self._cuda_transient(func, args) if self.cuda else 0
         if transient:
             key = self.add(transient, self.phase)
-        out = func(*args, **(kwargs or {}))
+        try:
+            out = func(*args, **(kwargs or {}))
+        except (UnsupportedOperatorException, DataDependentOutputException, DynamicOutputShapeException) as exc:
+            where = self.modules[-1] or "outside any module"
+            raise LorakitError(f"{func} cannot run on fake tensors ({type(exc).__name__}: it has no fake/meta "
+                               f"kernel, or needs tensor values); it ran in {where} during {self.phase}",
+                               hint="register a fake kernel for it (torch.library.register_fake), or simulate "
+                               "a model without this module") from None
         if transient:
             self.remove(key)
         for tensor in tree_leaves(out):
@@ -106,7 +120,7 @@ class LiveBytes(TorchDispatchMode):
     def add(self, size: int, phase: str) -> int:
         sid = self._next
         self._next += 1
-        self.storages[sid] = Storage(size, self.step, phase, self.modules[-1])
+        self.storages[sid] = Storage(size, self.step, phase, self.modules[-1], self.current_op)
         self.events.append(sid)
         self.live += size
         self.peak = max(self.peak, self.live)

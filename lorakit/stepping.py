@@ -80,7 +80,10 @@ def replay(counter: Any, allocator: Any) -> dict:
 
 def _module_at(counter: Any, index: int) -> str:
     sid = counter.events[index] if 0 <= index < len(counter.events) else 0
-    return counter.storages[abs(sid)].module if sid else ""
+    if not sid:
+        return ""
+    storage = counter.storages[abs(sid)]
+    return " / ".join(x for x in (storage.module, storage.op) if x)
 
 
 def _category(storage: Any, sid: int, free_at: dict, starts: dict) -> str:

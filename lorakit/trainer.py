@@ -24,6 +24,7 @@ from transformers import Trainer, TrainingArguments
 
 from .adapter import load_trained, save_extras, verify
 from .errors import LorakitError
+from .fit import memory_check_callback
 from .wrap import model_task, wrap
 
 logger = logging.getLogger("lorakit")
@@ -89,6 +90,7 @@ class LoraTrainer(Trainer):
             # mean instead (BERT), so under DDP their gradients came out world_size times too large.
             self.model_accepts_loss_kwargs = False
         self._log_report()
+        self.add_callback(memory_check_callback())  # CUDA only: simulated vs measured peak after step 1
 
     # ---- before and during training ------------------------------------
 
