@@ -93,18 +93,55 @@ def summary(rows: list[dict]) -> dict:
             "reserved_within_10pct": sum(e <= 0.10 for e in reserved) / len(reserved)}
 
 
-def speed(name: str, **kwargs) -> dict:
-    """Seconds and peak RSS of one simulation of a bundled config (LoRA r16 all-linear, bf16)."""
+def speed(name: str, method: str = "lora", **kwargs) -> dict:
+    """Seconds and peak RSS of one simulation of a bundled config (LoRA r16 all-linear; QLoRA nf4; full), bf16."""
     import resource
 
     import lorakit
     from lorakit.simulate import simulate
 
+    spec = {"full": {}, "lora": {"lora": lorakit.Lora(**LORA)},
+            "qlora": {"lora": lorakit.Lora(**LORA), "quant": lorakit.Quant(bits=4, compute_dtype="bfloat16")}}
     started = time.perf_counter()
-    result = simulate(name, lora=lorakit.Lora(r=16, targets="all-linear"), **kwargs)
+    result = simulate(name, **spec[method], **kwargs)
     return {"model": name, "settings": result.settings, "seconds": time.perf_counter() - started,
             "peak_allocated": result.peak_allocated, "peak_reserved": result.peak_reserved,
+            "device_total": result.device_total, "peak_step": result.peak_step, "peak_phase": result.peak_phase,
+            "breakdown": result.breakdown,
+            "cpu_seconds": resource.getrusage(resource.RUSAGE_SELF).ru_utime
+            + resource.getrusage(resource.RUSAGE_SELF).ru_stime,
             "rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def will_it_fit(out: Path) -> list[dict]:
+    """Llama-3.1-8B (bundled config): full, LoRA, QLoRA x batch 1, 4 x sequence 2048, 4096 x checkpointing."""
+    import itertools
+
+    rows = []
+    for method, batch, seq, ckpt in itertools.product(("lora", "qlora", "full"), (1, 4), (2048, 4096), (0, 1)):
+        result = _in_subprocess(["--speed-one", f"meta-llama/Llama-3.1-8B:{seq}:{ckpt}:{batch}:{method}"])
+        result.update(method=method, batch=batch, seq=seq, gradient_checkpointing=bool(ckpt))
+        rows.append(result)
+        print(json.dumps({k: v for k, v in result.items() if k != "settings"}), flush=True)
+        from lorakit.files import write_json_atomic
+
+        write_json_atomic(out, {"simulated_on": "CPU, fake tensors, shared 2-core machine", "rows": rows})
+    return rows
+
+
+def fit_markdown(path: Path) -> str:
+    """The README's 8B table from memory-will-it-fit-llama-3.1-8b.json."""
+    gib = 2 ** 30
+    rows = json.loads(path.read_text())["rows"]
+    lines = ["| method | batch | sequence | checkpointing | peak allocated | + reserved + CUDA context | peak at |",
+             "|---|---:|---:|---|---:|---:|---|"]
+    for r in rows:
+        if "error" in r:
+            continue
+        lines.append(f"| {r['method']} | {r['batch']} | {r['seq']} | {'on' if r['gradient_checkpointing'] else 'off'} "
+                     f"| {r['peak_allocated'] / gib:.1f} GiB | {r['device_total'] / gib:.1f} GiB "
+                     f"| step {r['peak_step']} {r['peak_phase']} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,15 +149,32 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", help="one configuration key, simulated in this process (prints RESULT json)")
     parser.add_argument("--speed-one", help=argparse.SUPPRESS)
     parser.add_argument("--speed", action="store_true", help="time the 8B and 70B configs")
+    parser.add_argument("--will-it-fit", action="store_true", help="the README's Llama-3.1-8B table")
+    parser.add_argument("--readme", action="store_true", help="print the README tables from the result files")
     parser.add_argument("--measured", default=str(HERE / "results" / "memory-cuda-h100.json"))
     parser.add_argument("--out", default=str(HERE / "results" / "memory-simulated-vs-cuda-h100.json"))
     args = parser.parse_args(argv)
     if args.only:
+        cached = Path("/tmp/lorakit-sim-cache") / f"{args.only}.json"  # TEMPORARY
+        if cached.exists():
+            print("RESULT " + cached.read_text().split("RESULT ", 1)[1], flush=True)
+            return
         print("RESULT " + json.dumps(simulate_key(args.only)), flush=True)
         return
     if args.speed_one:
-        name, seq, ckpt = args.speed_one.split(":")
-        print("RESULT " + json.dumps(speed(name, seq_len=int(seq), gradient_checkpointing=bool(int(ckpt)))))
+        name, seq, ckpt, *rest = args.speed_one.split(":")
+        batch, method = (int(rest[0]), rest[1]) if rest else (1, "lora")
+        print("RESULT " + json.dumps(speed(name, method, seq_len=int(seq), batch_size=batch,
+                                          gradient_checkpointing=bool(int(ckpt)))))
+        return
+    if args.readme:
+        print(fit_markdown(HERE / "results" / "memory-will-it-fit-llama-3.1-8b.json"))
+        compared = json.loads(Path(args.out).read_text())
+        print(markdown(compared["rows"]))
+        print(json.dumps(compared["summary"], indent=1))
+        return
+    if args.will_it_fit:
+        will_it_fit(HERE / "results" / "memory-will-it-fit-llama-3.1-8b.json")
         return
     if args.speed:
         for case in ("meta-llama/Llama-3.1-8B:2048:0", "meta-llama/Llama-3.1-70B:2048:0"):

@@ -207,7 +207,7 @@ def _inputs(net: Any, config: Any, batch_size: int, seq_len: int) -> dict:
         vocab = getattr(config, "vocab_size", 100) or 100
         inputs = {"input_ids": torch.randint(0, vocab, (batch_size, seq_len))}
     if name.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration")):
-        inputs["labels"] = inputs["input_ids"].clone() if "input_ids" in inputs else None
+        inputs["labels"] = inputs.get("input_ids")  # the model shifts them itself
     elif name.endswith("ForTokenClassification"):
         inputs["labels"] = torch.randint(0, max(getattr(config, "num_labels", 2), 1), (batch_size, seq_len))
     elif name.endswith(("ForSequenceClassification", "ForImageClassification")):
@@ -237,6 +237,7 @@ def _run_steps(net: Any, config: Any, counter: Any, batch_size: int, seq_len: in
 
     optimizer = _optimizer(net, optimizer_name)
     params = [p for p in net.parameters() if p.requires_grad]
+    counter.set_phase(0, "inputs")
     inputs = _inputs(net, config, batch_size, seq_len)
     with module_names(net, counter):
         for step in range(1, steps + 1):

@@ -96,8 +96,9 @@ def test_optimizer_state_and_weights_counted_from_shapes():
     weights = sum(cuda_bytes(2 * math.prod(s)) for s in shapes)
     buffers = sum(cuda_bytes(b.numel() * b.element_size()) for b in real.buffers())  # rotary frequencies
     assert full.setup_allocated == weights + buffers
-    # fused AdamW: exp_avg and exp_avg_sq in the parameter's dtype and a float32 step, per parameter
-    state = full.steps[0]["allocated_after"] - full.setup_allocated - 2 * 32 * 2**20  # two cuBLAS workspaces
+    # fused AdamW: exp_avg and exp_avg_sq in the parameter's dtype and a float32 step, per parameter;
+    # beside them the two cuBLAS workspaces and the batch of token ids (labels are the same tensor)
+    state = full.steps[0]["allocated_after"] - full.setup_allocated - 2 * 32 * 2**20 - 512
     assert state == 2 * weights + 512 * len(shapes)
 
 
@@ -177,10 +178,12 @@ def test_fit_finds_the_largest_batch(tmp_path):
     from lorakit.fit import fit
 
     lora = lorakit.Lora(r=16, targets="all-linear")
-    three = simulate(_llama_config(), lora=lora, batch_size=3, seq_len=64)
-    four = simulate(_llama_config(), lora=lora, batch_size=4, seq_len=64)
+    config = _llama_config()
+    config.vocab_size = 32000  # float32 logits of 8 MiB per sequence: each batch step moves the reserved figure
+    three = simulate(config, lora=lora, batch_size=3, seq_len=64)
+    four = simulate(config, lora=lora, batch_size=4, seq_len=64)
     assert four.device_total > three.device_total
     limit = (three.device_total + four.device_total) // 2
-    rows = fit(_llama_config(), limit, seq_len=64, lora=lora, methods=("lora",), checkpointing=(False,))
+    rows = fit(config, limit, seq_len=64, lora=lora, methods=("lora",), checkpointing=(False,))
     assert [(r.method, r.gradient_checkpointing, r.fits_batch_1) for r in rows] == [("lora", False, True)]
     assert rows[0].largest_batch == 3 and rows[0].device_bytes_largest == three.device_total
