@@ -15,17 +15,28 @@ from __future__ import annotations
 from typing import Any
 
 
-def materialise(net: Any) -> None:
-    """Replace every meta parameter and buffer of `net` by a fake one, in place (call under FakeTensorMode)."""
+def materialise(net: Any, loaded_dtype: Any = None) -> None:
+    """Replace every meta parameter and buffer of `net` by a fake one, in place (call under FakeTensorMode).
+
+    `loaded_dtype`, for a quantized model: replay how it got there on a GPU, for the caching allocator's
+    sake: every weight first lives in that dtype (the model as built or loaded), then each is quantized
+    or upcast to its final form and the original freed. The freed segments stay reserved.
+    """
     import torch
 
+    originals: dict[int, Any] = {}
+    if loaded_dtype is not None:
+        for param in net.parameters():
+            if id(param) not in originals and (param.is_floating_point() or hasattr(param, "quant_type")):
+                originals[id(param)] = torch.empty(param.shape, dtype=loaded_dtype)
     done: dict[int, Any] = {}  # tied parameters stay tied
     for module in net.modules():
         for name, param in list(module._parameters.items()):
             if param is None:
                 continue
             if id(param) not in done:
-                done[id(param)] = _fake_parameter(param)
+                done[id(param)] = _fake_parameter(param, originals.get(id(param)))
+                originals.pop(id(param), None)
             module._parameters[name] = done[id(param)]
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and buffer.is_meta:
@@ -34,6 +45,7 @@ def materialise(net: Any) -> None:
                 module._buffers[name] = done[id(buffer)]
         if hasattr(module, "quant_state") and getattr(module, "weight", None) is not None:
             module.quant_state = getattr(module.weight, "quant_state", None)
+    originals.clear()
 
 
 def prepare_bitsandbytes(net: Any) -> None:
@@ -45,18 +57,18 @@ def prepare_bitsandbytes(net: Any) -> None:
             bnb.functional.name2qmap["dynamic"] = bnb.functional.create_dynamic_map()
 
 
-def _fake_parameter(param: Any) -> Any:
+def _fake_parameter(param: Any, original: Any = None) -> Any:
     import torch
 
     kind = type(param).__name__
     if kind == "Params4bit" and not param.bnb_quantized:
         import bitsandbytes as bnb
 
-        weight = torch.empty(param.shape, dtype=param.dtype)
+        weight = original if original is not None else torch.empty(param.shape, dtype=param.dtype)
         packed, state = bnb.functional.quantize_4bit(weight, blocksize=param.blocksize,
                                                      compress_statistics=param.compress_statistics,
                                                      quant_type=param.quant_type, quant_storage=param.quant_storage)
-        del weight
+        del weight, original
         out = torch.nn.Parameter(packed, requires_grad=False)
         for attribute in ("blocksize", "compress_statistics", "quant_type", "quant_storage", "module"):
             setattr(out, attribute, getattr(param, attribute, None))

@@ -105,9 +105,9 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
     net.train()
     prepare_bitsandbytes(net)
     with _maybe(fake):
-        if fake is not None:
-            materialise(net)
         with counter:
+            if fake is not None:
+                materialise(net, loaded_dtype=dtype if quant is not None else None)
             for tensor in state_tensors(net):
                 counter.track(tensor)
             setup = counter.live
