@@ -7,6 +7,7 @@ no traceback. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 from .accounting import OPTIMIZERS
 from .errors import LorakitError, SpecError
 from .files import atomic_path, refuse_existing, write_text_atomic
+from .fit import fit, parse_memory, render_fit, rows_json
 from .load import TASKS, build_from_config, resolve_config
 from .merging import METHODS, merge
 from .render import FORMATS, plot
@@ -54,7 +56,8 @@ def cmd_compare_parameters(args: argparse.Namespace) -> int:
     lora, freeze, quant = _spec_from_args(args)
     result = report(args.model, lora=lora, freeze=freeze, quant=quant, task=args.task, optimizer=args.optimizer,
                     by=args.depth if args.depth is not None else args.by, dtype=args.dtype, batch_size=args.batch_size,
-                    seq_len=args.seq_len, trust_remote_code=args.trust_remote_code)
+                    seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing, attn=args.attn,
+                    trust_remote_code=args.trust_remote_code)
     text = FORMATS[args.format](result)
     if args.output:
         write_text_atomic(args.output, text)
@@ -95,6 +98,21 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if "quantization_gap" in check:
             print(f"quantization cost: adapter on its quantized base vs merged full precision: "
                   f"{check['quantization_gap']['max_abs_logit_difference']:.3g}")
+    return 0
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    limit = parse_memory(args.gpu_memory)  # before any simulation
+    lora = Lora(**{k: v for k, v in {"r": args.lora_r, "alpha": args.lora_alpha, "targets": args.lora_targets}.items()
+                   if v is not None})
+    rows = fit(args.model, limit, seq_len=args.seq_len, lora=lora, attn=args.attn, optimizer=args.optimizer,
+               task=args.task, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+               methods=tuple(args.method or ("full", "lora", "qlora")))
+    if args.format == "json":
+        print(json.dumps({"model": args.model, "gpu_memory": limit, "seq_len": args.seq_len, "rows": rows_json(rows)},
+                         indent=2))
+    else:
+        sys.stdout.write(render_fit(rows, args.model, limit, args.seq_len))
     return 0
 
 
@@ -139,8 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
     compare.add_argument("--depth", type=int, help="group by the first N parts of module names instead of layers")
     compare.add_argument("--by", default="layer", choices=["layer", "kind"], help="rows per layer or per module kind")
-    compare.add_argument("--batch-size", type=int, help="with --seq-len: add an activation estimate")
+    compare.add_argument("--batch-size", type=int, help="with --seq-len: simulate two training steps on fake "
+                         "tensors and report peak GPU memory")
     compare.add_argument("--seq-len", type=int)
+    compare.add_argument("--gradient-checkpointing", action="store_true", help="simulate with it on")
+    compare.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash"], help="attention kernel")
     compare.add_argument("--format", default="table", choices=["table", "json", "csv", "markdown"])
     compare.add_argument("--output", help="write to this file (atomically) instead of stdout")
     compare.add_argument("--plot", help="also draw a bar chart to FILE.png or FILE.svg (needs matplotlib)")
@@ -165,6 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
     merge_cmd.add_argument("--no-verify", action="store_true", help="skip the logits check against base + adapter")
     merge_cmd.add_argument("--force", action="store_true", help="replace an existing --out")
     merge_cmd.set_defaults(func=cmd_merge)
+
+    fit_cmd = sub.add_parser("fit", help="which of full fine-tuning, LoRA and QLoRA fit on a GPU, largest batch",
+                         description="Simulated training steps (fake tensors, no GPU needed) for each method, "
+                         "gradient checkpointing off and on.")
+    _add_model_args(fit_cmd)
+    fit_cmd.add_argument("--gpu-memory", required=True, help="e.g. 24GiB, 80GB")
+    fit_cmd.add_argument("--seq-len", type=int, default=2048)
+    fit_cmd.add_argument("--lora-r", type=int, help="default: the family preset's")
+    fit_cmd.add_argument("--lora-alpha", type=float)
+    fit_cmd.add_argument("--lora-targets", help="default: the family preset's")
+    fit_cmd.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash"])
+    fit_cmd.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
+    fit_cmd.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    fit_cmd.add_argument("--method", action="append", choices=["full", "lora", "qlora"],
+                     help="only these (repeat the flag); default all three")
+    fit_cmd.add_argument("--format", default="table", choices=["table", "json"])
+    fit_cmd.set_defaults(func=cmd_fit)
 
     zoo = sub.add_parser("zoo", help="list presets and bundled configs")
     zoo.set_defaults(func=cmd_zoo)

@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .accounting import OPTIMIZERS, Record, optimizer_bytes, planned_records, real_records
-from .errors import LorakitError, SpecError
+from .errors import SpecError
 from .load import build_from_config, resolve_config
 from .plan import Plan, make_plan
+from .simulate import Simulation, simulate
 from .specs import Freeze, Lora, Quant, spec_dict
 from .state import is_quantized, source_of, state_of
 from .zoo import block_of
@@ -61,6 +62,7 @@ class Report:
     spec: dict = field(default_factory=dict)
     activation_bytes: int | None = None
     activation_note: str | None = None
+    simulation: Simulation | None = None  # peak training memory, when batch_size and seq_len were given
 
     def ratio(self, what: str) -> float:
         """spec / full fine-tuning for 'trainable_parameters', 'weight_bytes', ..., 'memory_bytes'."""
@@ -84,6 +86,7 @@ class Report:
             "ratios": {"trainable_parameters": self.ratio("trainable_parameters"),
                        "memory": self.ratio("memory_bytes")},
             "activation_note": self.activation_note,
+            "simulation": self.simulation.to_dict() if self.simulation is not None else None,
             "layers": [dict(asdict(r), memory_bytes=r.memory_bytes,
                             full_finetune_memory_bytes=r.full_finetune_memory_bytes) for r in self.rows],
         }
@@ -127,28 +130,11 @@ def _group(records: list[Record], key: Any, optimizer: str, order: list[str] | N
     return list(rows.values())
 
 
-def _activation_estimate(config: Any, batch_size: int, seq_len: int, element: int) -> tuple[int, str] | None:
-    """Korthikanti et al. (2022): a transformer block keeps s*b*h*(34 + 5*a*s/h) bytes of
-    activations in 16-bit for backward; scaled by element size/2; no recomputation."""
-    h = getattr(config, "hidden_size", None) or getattr(config, "d_model", None) or getattr(config, "n_embd", None)
-    a = getattr(config, "num_attention_heads", None) or getattr(config, "num_heads", None) or getattr(
-        config, "n_head", None)
-    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "num_layers", None) or getattr(
-        config, "n_layer", None)
-    if not (h and a and layers):
-        return None
-    per_layer = seq_len * batch_size * h * (34 + 5 * a * seq_len / h) * element / 2
-    note = (f"activations: Korthikanti et al. 2022, s*b*h*(34+5*a*s/h) bytes per block at 16 bit, "
-            f"x{element / 2:g} for {element}-byte activations, {layers} blocks, batch {batch_size}, "
-            f"sequence {seq_len}, no gradient checkpointing; an estimate, not a count")
-    return int(per_layer * layers), note
-
-
 def report(model_or_config: Any, *, lora: Lora | dict | int | None = None, freeze: Freeze | str | None = None,
            quant: Quant | str | None = None, task: str | None = None, optimizer: str = "adamw",
            by: str | int = "layer", dtype: str | None = None, preset: str | None = None,
-           batch_size: int | None = None, seq_len: int | None = None,
-           trust_remote_code: bool = False) -> Report:
+           batch_size: int | None = None, seq_len: int | None = None, gradient_checkpointing: bool = False,
+           attn: str = "sdpa", trust_remote_code: bool = False) -> Report:
     """Per-layer trainable parameters and training memory, against full fine-tuning.
 
     `model_or_config`: a model in memory (wrapped by lorakit or not), a
@@ -156,6 +142,8 @@ def report(model_or_config: Any, *, lora: Lora | dict | int | None = None, freez
     and built on the meta device: no weights, no network for bundled names).
     `by`: "layer" (embeddings, each block, head, other), a number N (the first N
     parts of module names), or "kind" (Linear, Embedding, Norm, Conv).
+    `batch_size` and `seq_len` (with `gradient_checkpointing`, `attn`): also count peak training memory by
+    simulating two training steps on fake tensors (`lorakit.simulate`); `Report.simulation` holds it.
     """
     lora, freeze, quant = Lora.coerce(lora), Freeze.coerce(freeze), Quant.coerce(quant)
     if optimizer not in OPTIMIZERS:
@@ -164,7 +152,7 @@ def report(model_or_config: Any, *, lora: Lora | dict | int | None = None, freez
     if depth is None and by not in ("layer", "kind") or depth is not None and depth < 1:
         raise SpecError(f'by must be "layer", "kind" or a positive number of name parts, got {by!r}')
     if (batch_size is None) != (seq_len is None):
-        raise SpecError("the activation estimate needs both batch_size and seq_len")
+        raise SpecError("the memory simulation needs both batch_size and seq_len", hint="give both, or neither")
     base, plan, records, name = _records(model_or_config, lora, freeze, quant, task, dtype, preset,
                                          trust_remote_code)
     if by == "kind":
@@ -183,14 +171,18 @@ def report(model_or_config: Any, *, lora: Lora | dict | int | None = None, freez
                     optimizer=optimizer, spec={"lora": spec_dict(plan.lora), "freeze": spec_dict(plan.freeze),
                                                "quant": spec_dict(plan.quant), "preset": plan.preset,
                                                "defaults": [list(d) for d in plan.defaults]})
-    if batch_size is not None:
-        config = getattr(base, "config", None)
-        element = 4 if plan.quant is not None else _DTYPE_BYTES.get(result.dtype, 4)
-        estimate = _activation_estimate(config, batch_size, seq_len, element) if config is not None else None
-        if estimate is None:
-            raise LorakitError("no activation estimate for this model: its config has no hidden size, "
-                               "head count and layer count", hint="drop batch_size/seq_len")
-        result.activation_bytes, result.activation_note = estimate
+    if batch_size is not None:  # a model in memory is rebuilt from its config (dtype: the config's)
+        in_memory = hasattr(model_or_config, "named_parameters")
+        sim = simulate(base if in_memory else base.config, lora=plan.lora, freeze=plan.freeze, quant=plan.quant,
+                       preset=plan.preset, task=plan.task, dtype=None if in_memory else result.dtype,
+                       optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
+                       gradient_checkpointing=gradient_checkpointing, attn=attn, trust_remote_code=trust_remote_code)
+        result.simulation = sim
+        result.activation_bytes = sim.breakdown["activations"]
+        result.activation_note = (f"saved at the simulated peak of {sim.peak_allocated / 2**30:.2f} GiB allocated "
+                                  f"(step {sim.peak_step}, {sim.peak_phase}; {attn} attention, batch {batch_size}, "
+                                  f"sequence {seq_len}, gradient checkpointing "
+                                  f"{'on' if gradient_checkpointing else 'off'}); counted on fake tensors")
     return result
 
 

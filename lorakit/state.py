@@ -72,7 +72,8 @@ def fingerprint(model: Any) -> dict:
         state = getattr(param, "quant_state", None)
         shape = tuple(state.shape) if state is not None else tuple(param.shape)
         lines.append(f"{original}:{shape}")
-        if (sample is None and param.is_floating_point() and not param.is_meta and "embed" in original
+        has_values = not param.is_meta and type(param).__name__ != "FakeTensor"  # the memory simulator's
+        if (sample is None and param.is_floating_point() and has_values and "embed" in original
                 and math.prod(shape) >= 16):
             sample = param.detach().flatten()[:1024].to(torch.float32).cpu().numpy().tobytes()
     config = getattr(model, "config", None)

@@ -31,6 +31,7 @@ from .render import summary
 from .report import report
 from .state import state_of
 from .wrap import wrap
+from .fit import memory_check_callback
 
 logger = logging.getLogger("lorakit")
 _STAGING = ".lorakit-staging"
@@ -97,6 +98,7 @@ class LoraTrainer(Trainer):
             # mean instead (BERT), so under DDP their gradients came out world_size times too large.
             self.model_accepts_loss_kwargs = False
         self._log_report()
+        self.add_callback(memory_check_callback())  # CUDA only: simulated vs measured peak after step 1
 
     # ---- before and during training ------------------------------------
 

@@ -1,0 +1,190 @@
+"""Counting live bytes while a training step runs: the engine under `lorakit.simulate`.
+
+`LiveBytes` is a TorchDispatchMode that sees every tensor an ATen op returns
+(below autograd, so what autograd saves for backward is seen too), keys it by
+its storage and drops it when the storage dies (a weakref callback, the way
+torch.distributed._tools.mem_tracker does it). It works the same on real and on
+fake tensors, which is how the tests check the fake count against a real one.
+
+`cuda_kernels` makes CPU-dispatched ops keep what
+the CUDA kernels keep: dropout saves a 1-byte mask (CUDA's fused
+`native_dropout`) instead of a same-dtype noise tensor (CPU's), and autocast's
+CUDA float32 list (softmax, log_softmax, layer_norm, group_norm without an
+explicit dtype) upcasts as it does on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch._subclasses.fake_tensor import (
+    DataDependentOutputException,
+    DynamicOutputShapeException,
+    UnsupportedOperatorException,
+)
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from .allocator import round_size
+from .errors import LorakitError
+
+# cuBLAS takes one workspace per (handle, stream) from the caching allocator: one for the forward
+# thread, one for the autograd thread. 32 MiB each on Hopper and newer (torch's default there).
+CUBLAS_WORKSPACE = 32 << 20
+_CUBLAS_OPS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_mm", "addmv", "mv"}
+
+
+@dataclass
+class Storage:
+    size: int       # bytes the CUDA allocator charges (rounded)
+    step: int       # 0: setup
+    phase: str      # setup | forward | backward | optimizer | workspace
+    module: str     # module running when it was created ("" outside modules)
+    op: str = ""    # the op that made it
+    role: str = ""  # gradients | optimizer state, when known
+
+
+class LiveBytes(TorchDispatchMode):
+    """Live storage bytes over time, as an event log: (+key) allocations and (-key) frees."""
+
+    def __init__(self, round_bytes: bool = True, cuda: bool = True) -> None:
+        super().__init__()
+        self.round_bytes, self.cuda = round_bytes, cuda
+        self.storages: dict[int, Storage] = {}
+        self.events: list[int] = []  # +key / -key, in order
+        self._refs: dict[int, weakref.ref] = {}
+        self._sids: dict[int, int] = {}
+        self._next = 1
+        self.live = self.peak = 0
+        self.step, self.phase = 0, "setup"
+        self.modules: list[str] = [""]
+        self.marks: list[tuple[int, int, str]] = []  # (event index, step, phase) where a phase starts
+        self._workspaces: set[str] = set()
+        self.current_op = ""
+
+    def set_phase(self, step: int, phase: str) -> None:
+        self.step, self.phase = step, phase
+        self.marks.append((len(self.events), step, phase))
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.current_op = str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func)
+        if self.cuda and self.current_op in _CUBLAS_OPS and self.phase in ("forward", "backward") \
+                and self.phase not in self._workspaces:
+            self._workspaces.add(self.phase)
+            self.add(CUBLAS_WORKSPACE, "workspace")
+        transient = self._cuda_transient(func, args) if self.cuda else 0
+        if transient:
+            key = self.add(transient, self.phase)
+        try:
+            out = func(*args, **(kwargs or {}))
+        except (UnsupportedOperatorException, DataDependentOutputException, DynamicOutputShapeException) as exc:
+            where = self.modules[-1] or "outside any module"
+            raise LorakitError(f"{func} cannot run on fake tensors ({type(exc).__name__}: it has no fake/meta "
+                               f"kernel, or needs tensor values); it ran in {where} during {self.phase}",
+                               hint="register a fake kernel for it (torch.library.register_fake), or simulate "
+                               "a model without this module") from None
+        if transient:
+            self.remove(key)
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.track(tensor)
+        return out
+
+    def _cuda_transient(self, func, args) -> int:
+        """Bytes a CUDA kernel allocates inside itself that the CPU (or fake) kernel does not show."""
+        name = str(func)
+        if name.startswith("bitsandbytes.gemm_4bit"):
+            # bitsandbytes' CUDA gemm_4bit, past a few rows, dequantizes the weight then calls F.linear
+            a, shape = args[0], args[2]
+            return round_size(shape[0] * shape[1] * a.element_size())
+        return 0
+
+    def track(self, tensor: torch.Tensor) -> None:
+        try:
+            storage = tensor.untyped_storage()
+        except (NotImplementedError, RuntimeError):  # sparse or other storage-less tensors
+            return
+        key = id(storage)
+        ref = self._refs.get(key)
+        if ref is not None and ref() is storage:
+            return
+        nbytes = storage.nbytes()
+        size = round_size(nbytes) if self.round_bytes else nbytes
+        sid = self.add(size, self.phase)
+        self._refs[key] = weakref.ref(storage, lambda _, k=key, s=sid: self._dead(k, s))
+        self._sids[key] = sid
+
+    def add(self, size: int, phase: str) -> int:
+        sid = self._next
+        self._next += 1
+        self.storages[sid] = Storage(size, self.step, phase, self.modules[-1], self.current_op)
+        self.events.append(sid)
+        self.live += size
+        self.peak = max(self.peak, self.live)
+        return sid
+
+    def remove(self, sid: int) -> None:
+        self.events.append(-sid)
+        self.live -= self.storages[sid].size
+
+    def _dead(self, key: int, sid: int) -> None:
+        if self._sids.get(key) == sid:
+            del self._refs[key], self._sids[key]
+        self.remove(sid)
+
+    def storage_id(self, tensor: torch.Tensor) -> int | None:
+        """The id this counter gave `tensor`'s storage, or None if it never saw it."""
+        storage = tensor.untyped_storage()
+        ref = self._refs.get(id(storage))
+        return self._sids.get(id(storage)) if ref is not None and ref() is storage else None
+
+
+_FP32_ON_CUDA = ("softmax", "log_softmax")  # with no explicit dtype
+_NORMS_FP32_ON_CUDA = ("layer_norm", "group_norm")
+
+
+@contextlib.contextmanager
+def cuda_kernels():
+    """See the module docstring. Functions of torch.nn.functional are swapped for the duration (not a
+    TorchFunctionMode: the autograd engine does not carry one into checkpoint recomputation)."""
+    functional = torch.nn.functional
+    originals = {name: getattr(functional, name) for name in ("dropout",) + _FP32_ON_CUDA + _NORMS_FP32_ON_CUDA}
+
+    def dropout(x, p=0.5, training=True, inplace=False):
+        if training and 0 < p < 1 and not inplace and x.numel() > 0:
+            return torch.native_dropout(x, p, True)[0]
+        return originals["dropout"](x, p, training, inplace)
+
+    def upcast_softmax(name):
+        def run(x, dim=None, _stacklevel=3, dtype=None):
+            if dtype is None and x.dtype in _LOW and torch.is_autocast_enabled("cpu"):
+                dtype = torch.float32
+            return originals[name](x, dim=dim, _stacklevel=_stacklevel, dtype=dtype)
+        return run
+
+    def upcast_norm(name):
+        def run(x, *args, **kwargs):
+            if x.dtype in _LOW and torch.is_autocast_enabled("cpu"):
+                with torch.autocast("cpu", enabled=False):
+                    args = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+                    kwargs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+                              for k, v in kwargs.items()}
+                    return originals[name](x.float(), *args, **kwargs)
+            return originals[name](x, *args, **kwargs)
+        return run
+
+    replacements = {"dropout": dropout, **{n: upcast_softmax(n) for n in _FP32_ON_CUDA},
+                    **{n: upcast_norm(n) for n in _NORMS_FP32_ON_CUDA}}
+    try:
+        for name, function in replacements.items():
+            setattr(functional, name, function)
+        yield
+    finally:
+        for name, function in originals.items():
+            setattr(functional, name, function)
+
+
+_LOW = (torch.bfloat16, torch.float16)

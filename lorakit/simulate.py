@@ -1,0 +1,269 @@
+"""Peak training memory, counted by running real training steps on fake tensors.
+
+The model is built from its config under torch's `FakeTensorMode` (shapes,
+dtypes and storages, no memory), the spec is applied by `lorakit.wrap` itself
+(peft LoRA/DoRA, freezing, bitsandbytes 8/4-bit through its fake kernels), and
+steps run as `LoraTrainer` runs them: forward under autocast with the task's
+loss, backward, gradient clipping, the optimizer step (which creates its
+state), zero_grad. `counting.LiveBytes` counts live storage bytes through it
+all. Steps 1 and 2 both run: step 1 creates the optimizer state, step 2 carries
+it through forward and backward, and for full fine-tuning step 2 is the peak.
+
+The target is a CUDA GPU; the tensors are fake CPU tensors, because a CPU build
+of torch cannot run ops on fake CUDA tensors (its device guard aborts) and
+autocast("cuda") switches itself off without CUDA. Where CUDA's kernels keep
+other tensors than the CPU's, `counting` says what is emulated and why. The
+attention kernels agree already: sdpa in bf16/fp16 picks flash attention on
+both (saved: output and logsumexp, never the probabilities); "flash" is
+simulated as sdpa's flash kernel, which saves the same tensors as
+flash-attention-2. Allocations are rounded as the CUDA allocator rounds them,
+the cuBLAS workspaces are added, and `allocator` replays the caching
+allocator's rules for the reserved figure; the CUDA context is added
+separately and labelled.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .allocator import CachingAllocator
+from .errors import LorakitError, SpecError
+from .materialise import materialise, prepare_bitsandbytes, state_tensors
+from .load import auto_class, check_task, resolve_config, task_from_config
+from .specs import Freeze, Lora, Quant, torch_dtype
+from .wrap import wrap
+
+ATTENTION = {"sdpa": "sdpa", "eager": "eager", "flash": "sdpa"}
+OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
+CUDA_CONTEXT = 619 << 20  # a bare CUDA 13 context on an H100 (benchmarks/results/memory-cuda-h100.json)
+
+
+@dataclass
+class Simulation:
+    """What one simulated training run holds on the GPU. Bytes throughout."""
+
+    model: str
+    settings: dict
+    peak_allocated: int          # what torch.cuda.max_memory_allocated() would report
+    peak_step: int
+    peak_phase: str              # forward | backward | optimizer
+    peak_module: str             # module (or op) running at the peak
+    breakdown: dict[str, int]    # at the peak
+    top_activations: list[tuple[str, int]]  # modules holding the most saved activations after forward
+    setup_allocated: int         # model (and quantization state) before the first step
+    steps: list[dict]            # per step: peak_allocated, peak_reserved, allocated_after, peak phase
+    peak_reserved: int           # the caching allocator's segments (max_memory_reserved)
+    cuda_context: int = CUDA_CONTEXT
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def device_total(self) -> int:
+        """Reserved + CUDA context: about what nvidia-smi shows for the process."""
+        return self.peak_reserved + self.cuda_context
+
+    def to_dict(self) -> dict:
+        return dict(asdict(self), device_total=self.device_total)
+
+
+def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freeze | str | None = None,
+             quant: Quant | str | None = None, task: str | None = None, dtype: str | None = None,
+             autocast: str | None = "bfloat16", attn: str = "sdpa", batch_size: int = 1, seq_len: int = 512,
+             gradient_checkpointing: bool = False, optimizer: str = "adamw", steps: int = 2,
+             preset: str | None = None, trust_remote_code: bool = False, real: bool = False) -> Simulation:
+    """Simulate `steps` training steps of `model` (a config, a name `lorakit.load` accepts, or a transformers
+    model in memory, rebuilt from its config and class) with the spec applied, on fake tensors.
+
+    `real=True` runs the identical steps on real CPU tensors (small models only): the tests' reference.
+    """
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .counting import LiveBytes, cuda_kernels
+
+    check_settings(batch_size, seq_len, attn, optimizer, autocast, steps)
+    lora, freeze, quant = Lora.coerce(lora), Freeze.coerce(freeze), Quant.coerce(quant)
+    config, cls, name = _architecture(model, task, trust_remote_code)
+    notes = _position_warning(config, seq_len)
+    dtype = torch_dtype(dtype) if dtype else _config_dtype(config)
+    counter = LiveBytes()
+    fake = FakeTensorMode(allow_non_fake_inputs=True) if not real else None
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    with torch.device("meta") if not real else _maybe(None):
+        net = cls.from_config(config, dtype=dtype, attn_implementation=ATTENTION[attn],
+                              trust_remote_code=trust_remote_code)
+        if lora or freeze or quant:
+            net = wrap(net, lora=lora, freeze=freeze, quant=quant, preset=preset)
+    if not any(p.requires_grad for p in net.parameters()):
+        raise SpecError("nothing in this model is trainable", hint="give a LoRA spec or a freeze spec")
+    if gradient_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    net.train()
+    prepare_bitsandbytes(net)
+    with _maybe(fake):
+        with counter:
+            if fake is not None:
+                materialise(net, loaded_dtype=dtype if quant is not None else None)
+            for tensor in state_tensors(net):
+                counter.track(tensor)
+            setup = counter.live
+            with cuda_kernels():
+                _run_steps(net, config, counter, batch_size, seq_len, optimizer, autocast, steps)
+    result = _summarise(counter, setup, name, steps)
+    result.settings = dict(dtype=str(dtype).removeprefix("torch."), autocast=autocast, attn=attn,
+                           batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
+                           optimizer=optimizer, steps=steps, real=real,
+                           lora=asdict(lora) if lora else None, freeze=asdict(freeze) if freeze else None,
+                           quant=asdict(quant) if quant else None)
+    result.warnings, result.seconds = notes, time.perf_counter() - started
+    return result
+
+
+def check_settings(batch_size: Any, seq_len: Any, attn: str, optimizer: str, autocast: Any, steps: int) -> None:
+    for knob, value in (("batch_size", batch_size), ("seq_len", seq_len), ("steps", steps)):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise SpecError(f"{knob} must be a positive whole number, got {value!r}",
+                            hint=f"e.g. {knob}=1" if knob != "seq_len" else "e.g. seq_len=2048")
+    if attn not in ATTENTION:
+        raise SpecError(f"unknown attention {attn!r}", hint=f"use one of {', '.join(ATTENTION)}")
+    if optimizer not in OPTIMIZERS:
+        raise SpecError(f"unknown optimizer {optimizer!r}", hint=f"use one of {', '.join(OPTIMIZERS)}")
+    if autocast not in (None, "bfloat16", "float16"):
+        raise SpecError(f"autocast must be None, 'bfloat16' or 'float16', got {autocast!r}",
+                        hint="None trains in the weights' dtype")
+
+
+class _maybe:
+    def __init__(self, mode: Any) -> None:
+        self.mode = mode
+
+    def __enter__(self) -> None:
+        if self.mode is not None:
+            self.mode.__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.mode is not None:
+            self.mode.__exit__(*exc)
+
+
+def _architecture(model: Any, task: str | None, trust_remote_code: bool) -> tuple[Any, Any, str]:
+    """(config, class to build, name) for a config, a name, or a model in memory."""
+    check_task(task)
+    if hasattr(model, "named_parameters"):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not hasattr(base, "config") or not hasattr(type(base), "_from_config"):
+            raise LorakitError(f"cannot simulate a {type(base).__name__}: only transformers models rebuild "
+                               "from their config", hint="pass the model's config or its name")
+        return base.config, _Rebuild(type(base)), type(base).__name__
+    config, source = resolve_config(model, trust_remote_code=trust_remote_code)
+    return config, auto_class(task or task_from_config(config)), source.id
+
+
+class _Rebuild:
+    """`from_config` for a model class in memory (keeps subclasses and custom modules)."""
+
+    def __init__(self, cls: Any) -> None:
+        self.cls = cls
+
+    def from_config(self, config: Any, **kwargs: Any) -> Any:
+        kwargs.pop("trust_remote_code", None)
+        return self.cls._from_config(config, **kwargs)
+
+
+def _config_dtype(config: Any) -> Any:
+    import torch
+
+    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(value, str):
+        value = getattr(torch, value, None)
+    return value if value in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def _position_warning(config: Any, seq_len: int) -> list[str]:
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and seq_len > limit:
+        text = (f"seq_len {seq_len} is beyond this model's max_position_embeddings ({limit}); "
+                "simulated anyway, but the model was not trained for it")
+        warnings.warn(text, stacklevel=3)
+        return [text]
+    return []
+
+
+def _inputs(net: Any, config: Any, batch_size: int, seq_len: int) -> dict:
+    import torch
+
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    main = getattr(base, "main_input_name", "input_ids")
+    name = type(base).__name__
+    if main == "pixel_values":
+        size = getattr(config, "image_size", 224)
+        size = size if isinstance(size, int) else size[0]
+        inputs = {"pixel_values": torch.randn(batch_size, getattr(config, "num_channels", 3), size, size)}
+    else:
+        vocab = getattr(config, "vocab_size", 100) or 100
+        inputs = {"input_ids": torch.randint(0, vocab, (batch_size, seq_len))}
+    if name.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration")):
+        inputs["labels"] = inputs.get("input_ids")  # the model shifts them itself
+    elif name.endswith("ForTokenClassification"):
+        inputs["labels"] = torch.randint(0, max(getattr(config, "num_labels", 2), 1), (batch_size, seq_len))
+    elif name.endswith(("ForSequenceClassification", "ForImageClassification")):
+        inputs["labels"] = torch.randint(0, max(getattr(config, "num_labels", 2), 1), (batch_size,))
+    return {k: v for k, v in inputs.items() if v is not None}
+
+
+def _optimizer(net: Any, optimizer: str) -> Any:
+    """What Trainer builds for lorakit's training_args: fused torch AdamW; or bnb's 8-bit AdamW; or SGD."""
+    import torch
+
+    params = [p for p in net.parameters() if p.requires_grad]
+    if optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=5e-5, eps=1e-8, fused=True)
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=5e-5)
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(params, lr=5e-5)
+
+
+def _run_steps(net: Any, config: Any, counter: Any, batch_size: int, seq_len: int, optimizer_name: str,
+               autocast: str | None, steps: int) -> None:
+    import torch
+
+    from .stepping import module_names
+
+    optimizer = _optimizer(net, optimizer_name)
+    params = [p for p in net.parameters() if p.requires_grad]
+    counter.set_phase(0, "inputs")
+    inputs = _inputs(net, config, batch_size, seq_len)
+    with module_names(net, counter):
+        for step in range(1, steps + 1):
+            counter.set_phase(step, "forward")
+            with torch.autocast("cpu", dtype=getattr(torch, autocast or "bfloat16"), enabled=autocast is not None):
+                loss = net(**inputs).loss
+            counter.set_phase(step, "backward")
+            loss.backward()
+            del loss
+            for p in params:
+                if p.grad is not None:
+                    counter.storages[counter.storage_id(p.grad)].role = "gradients"
+            counter.set_phase(step, "optimizer")
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            for state in optimizer.state.values():
+                for value in state.values():
+                    if isinstance(value, torch.Tensor) and counter.storage_id(value) is not None:
+                        counter.storages[counter.storage_id(value)].role = "optimizer state"
+            optimizer.zero_grad(set_to_none=True)
+            counter.set_phase(step, "end")
+    counter.set_phase(steps, "done")
+
+
+def _summarise(counter: Any, setup: int, name: str, steps: int) -> Simulation:
+    from .stepping import replay
+
+    found = replay(counter, CachingAllocator())
+    return Simulation(model=name, settings={}, setup_allocated=setup, **found)

@@ -1,0 +1,121 @@
+"""Reading the event log of `counting.LiveBytes`: peaks per step, the breakdown at the peak, where activations live.
+
+Per step the figures are what CUDA reports after `torch.cuda.reset_peak_memory_stats()` at the step's start:
+the peak is the most bytes live at any moment of the step (counting what was live when it began), the
+reserved figure is the caching allocator's segments (they only grow), and "after" is what stays live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+
+@contextlib.contextmanager
+def module_names(net: Any, counter: Any):
+    """Keep `counter.modules` on the module that is running (forward, and recomputation in backward)."""
+    import torch
+
+    names = {id(m): n.removeprefix("base_model.model.") for n, m in net.named_modules()}
+
+    def enter(module: Any, *_: Any) -> None:
+        counter.modules.append(names.get(id(module), type(module).__name__))
+
+    def leave(module: Any, *_: Any) -> None:
+        if len(counter.modules) > 1:
+            counter.modules.pop()
+
+    handles = [torch.nn.modules.module.register_module_forward_pre_hook(enter),
+               torch.nn.modules.module.register_module_forward_hook(leave, always_call=True)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def replay(counter: Any, allocator: Any) -> dict:
+    """Per-step and overall peaks, the live set at the peak by category, top modules by saved activations."""
+    storages, events = counter.storages, counter.events
+    marks: dict[int, list[tuple[int, str]]] = {}
+    for index, step, phase in counter.marks:
+        marks.setdefault(index, []).append((step, phase))
+    free_at: dict[int, int] = {}
+    starts: dict[tuple[int, str], int] = {}
+    for index, step, phase in counter.marks:
+        starts.setdefault((step, phase), index)
+    live, step, phase = 0, 0, "setup"
+    steps: dict[int, dict] = {}
+    best = (-1, 0, 0, "setup")  # (bytes, event index, step, phase)
+    for index, sid in enumerate(events + [0]):
+        for step, phase in marks.get(index, ()):
+            if phase == "forward":
+                steps[step] = {"peak_allocated": live, "peak_phase": "forward"}
+        if sid == 0:
+            break
+        if sid > 0:
+            live += storages[sid].size
+            allocator.malloc(sid, storages[sid].size)
+        else:
+            live -= storages[-sid].size
+            allocator.free(-sid)
+            free_at[-sid] = index
+        current = steps.get(step)
+        if current is not None and phase not in ("end", "done"):
+            if live > current["peak_allocated"]:
+                current.update(peak_allocated=live, peak_phase=phase)
+            current["peak_reserved"] = allocator.reserved
+            if live > best[0]:
+                best = (live, index, step, phase)
+        if current is not None and phase != "done":
+            current["allocated_after"] = live
+    peak, peak_index, peak_step, peak_phase = best
+    return {"steps": [dict(steps[s], step=s) for s in sorted(steps)], "peak_allocated": peak,
+            "peak_step": peak_step, "peak_phase": peak_phase,
+            "peak_module": _module_at(counter, peak_index),
+            "breakdown": _breakdown(counter, peak_index, free_at, starts),
+            "top_activations": _top_activations(counter, free_at, starts),
+            "peak_reserved": allocator.reserved}
+
+
+def _module_at(counter: Any, index: int) -> str:
+    sid = counter.events[index] if 0 <= index < len(counter.events) else 0
+    if not sid:
+        return ""
+    storage = counter.storages[abs(sid)]
+    return " / ".join(x for x in (storage.module, storage.op) if x)
+
+
+def _category(storage: Any, sid: int, free_at: dict, starts: dict) -> str:
+    if storage.role:
+        return storage.role
+    if storage.phase in ("setup", "workspace"):
+        return "weights" if storage.phase == "setup" else "workspace"
+    if storage.phase == "forward":
+        backward = starts.get((storage.step, "backward"), 1 << 62)
+        return "activations" if free_at.get(sid, 1 << 62) > backward else "temporaries"
+    return "temporaries"
+
+
+def _breakdown(counter: Any, peak_index: int, free_at: dict, starts: dict) -> dict[str, int]:
+    alive: set[int] = set()
+    for sid in counter.events[:peak_index + 1]:
+        if sid > 0:
+            alive.add(sid)
+        else:
+            alive.discard(-sid)
+    out = dict.fromkeys(("weights", "gradients", "optimizer state", "activations", "temporaries", "workspace"), 0)
+    for sid in alive:
+        storage = counter.storages[sid]
+        out[_category(storage, sid, free_at, starts)] += storage.size
+    return out
+
+
+def _top_activations(counter: Any, free_at: dict, starts: dict, count: int = 10) -> list[tuple[str, int]]:
+    backward = starts.get((1, "backward"), 1 << 62)
+    by_module: dict[str, int] = {}
+    for sid, storage in counter.storages.items():
+        if storage.step == 1 and storage.phase == "forward" and free_at.get(sid, 1 << 62) > backward:
+            key = storage.module or "(outside modules)"
+            by_module[key] = by_module.get(key, 0) + storage.size
+    return sorted(by_module.items(), key=lambda item: -item[1])[:count]
