@@ -24,7 +24,7 @@ LAYERS = [
     ["report", "verify"],
     ["render", "data", "metrics"],
     ["adapter"],
-    ["streaming", "checkpoints"],
+    ["streaming", "checkpoints", "gguf_export"],
     ["trainer", "merging"],
     ["cli"],
 ]
