@@ -67,7 +67,9 @@ def _read_adapter(folder: Path) -> dict:
     for key, value in tensors.items():
         name, part = adapter_key(key)
         if part is None:
-            full[name] = value
+            # A bias trained with bias="all"/"lora_only" on a LoRA-wrapped module is saved under peft's
+            # wrapper name (`query.base_layer.bias`); in the base it is `query.bias`.
+            full[name.replace(".base_layer.", ".")] = value
         else:
             lora.setdefault(name, {})[part] = value
     return {"folder": folder, "config": config, "manifest": manifest, "plan": saved_plan(manifest), "lora": lora,

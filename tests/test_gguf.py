@@ -172,9 +172,8 @@ def test_smollm2_merged_to_gguf_replies_like_the_merged_model(smollm2_base, tmp_
     wrapped.save_pretrained(tmp_path / "adapter")
     save_extras(wrapped, tmp_path / "adapter")
     del wrapped
-    report = lorakit.merge(smollm2_base, tmp_path / "adapter", tmp_path / "merged", gguf=tmp_path / "s.gguf")
-    figures = report["gguf"]["verification"]
-    assert figures["max_abs_logit_difference"] <= 0.01 * figures["max_abs_logit"]
+    # verify=False: this test does the checks itself, on chat prompts (the tiny models cover merge's own)
+    lorakit.merge(smollm2_base, tmp_path / "adapter", tmp_path / "merged", gguf=tmp_path / "s.gguf", verify=False)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "merged")
     gguf_model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="s.gguf", dtype=torch.float32).eval()
@@ -187,6 +186,8 @@ def test_smollm2_merged_to_gguf_replies_like_the_merged_model(smollm2_base, tmp_
                                                       return_dict=True)
         assert torch.equal(ids["input_ids"], gguf_ids["input_ids"])
         with torch.no_grad():
+            expected, actual = merged(**ids).logits, gguf_model(**ids).logits
+            assert (expected - actual).abs().max() <= 0.01 * expected.abs().max()  # f16: 1.4e-3 measured
             reply = merged.generate(**ids, max_new_tokens=12, do_sample=False)
             gguf_reply = gguf_model.generate(**gguf_ids, max_new_tokens=12, do_sample=False)
         assert tokenizer.decode(reply[0]) == gguf_tokenizer.decode(gguf_reply[0])

@@ -264,3 +264,26 @@ def test_cli_merge_and_its_errors(tmp_path, capsys):
     assert err.startswith("error: ") and "--force" in err and "Traceback" not in err
     assert main(["merge", "--adapter", str(adapter), "--adapter", str(adapter), "--weights", "1", "--out",
                  str(tmp_path / "n")]) == 2
+
+
+@pytest.mark.parametrize("lora,path", [(dict(r=4, bias="all"), "streamed"), (dict(r=4, bias="lora_only"), "streamed"),
+                                       (dict(r=4, use_dora=True, bias="all"), "peft")])
+def test_trained_biases_and_dora_merge_into_the_base_names(lora, path, tmp_path):
+    from safetensors.torch import load_file
+
+    build("bert").save_pretrained(tmp_path / "base", max_shard_size="5KB")
+    model = lorakit.wrap(lorakit.load(tmp_path / "base"), lora=lora)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or (name.endswith(".bias") and param.requires_grad):
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    save_extras(model, tmp_path / "adapter")
+    report = lorakit.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+    assert report["path"].startswith(path) and report["verification"]["max_abs_logit_difference"] <= 1e-4
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    trained = saved["base_model.model.bert.encoder.layer.1.attention.self.query.base_layer.bias"]
+    merged = lorakit.load(tmp_path / "merged").state_dict()
+    assert torch.equal(merged["bert.encoder.layer.1.attention.self.query.bias"], trained)
+    assert not any("base_layer" in k for k in merged)
