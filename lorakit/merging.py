@@ -137,7 +137,8 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
         else:
             stats = _in_memory(base, loaded, staging, task_config, weights, method, dtype)
         _copy_side_files(base_dir, staging)
-        figures = verify_merged(base, loaded, staging, task_config, weights, method, dtype, into) if verify else None
+        figures = verify_merged(base, loaded, staging, task_config, weights, method, dtype or stats["dtype"],
+                                into) if verify else None
         exported = (export_gguf(staging, gguf_path, gguf_type, name=out.name, verify=verify)
                     if gguf_path is not None else None)
         report = {

@@ -153,14 +153,24 @@ def test_adapter_trained_on_4bit_merges_into_original_or_dequantized(tmp_path):
     assert json.loads((tmp_path / "deq" / "config.json").read_text()).get("quantization_config") is None
 
 
-def test_bf16_output_states_its_tolerance(tmp_path):
-    adapter = make_adapter("bert", tmp_path, dict(r=4))
-    report = lorakit.merge(tmp_path / "base", adapter, tmp_path / "merged", dtype="bfloat16")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_merge_is_checked_against_fp32_within_what_rounding_costs(dtype, tmp_path, monkeypatch):
+    import importlib
+
+    adapter = make_adapter("llama", tmp_path, dict(r=4, targets="all-linear"))
+    report = lorakit.merge(tmp_path / "base", adapter, tmp_path / "merged", dtype=dtype)
     from safetensors import safe_open
 
     with safe_open(str(next((tmp_path / "merged").glob("*.safetensors"))), "pt") as handle:
-        assert handle.get_tensor(handle.keys()[0]).dtype == torch.bfloat16
-    assert 0 < report["verification"]["tolerance"] < 1
+        assert handle.get_tensor(handle.keys()[0]).dtype == getattr(torch, dtype)
+    figures = report["verification"]
+    assert 0 < figures["rounding_floor"] and figures["max_abs_logit_difference"] <= figures["tolerance"]
+    # A merge that is wrong by 10% of the adapter's update is caught, even in bf16.
+    streaming = importlib.import_module("lorakit.streaming")
+    real = streaming._scale
+    monkeypatch.setattr(streaming, "_scale", lambda *a: 0.9 * real(*a))
+    with pytest.raises(lorakit.LorakitError, match="verification failed"):
+        lorakit.merge(tmp_path / "base", adapter, tmp_path / "wrong", dtype=dtype)
 
 
 @pytest.mark.parametrize("kwargs,words", [
