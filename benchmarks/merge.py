@@ -3,7 +3,8 @@
 A Llama built from a config (hidden 1024, 16 blocks, ~271M parameters, ~1.08 GB
 in fp32) is saved in 200 MB shards with a LoRA r=16 adapter on every linear
 layer. Each run is a fresh process; A (baseline) and B (lorakit, --no-verify,
-like the baseline) alternate. Targets: B/A wall time <= 0.8, peak RSS <= 0.5.
+like the baseline) alternate, then A and C (lorakit with its verification on).
+Targets: B/A wall time <= 0.8, peak RSS <= 0.5; C/A peak RSS <= 0.5 (issue 15).
 
     python -m benchmarks.merge [--repeats 3] [--workdir /tmp/lorakit-merge-bench]
 """
@@ -34,6 +35,7 @@ import lorakit
 base, adapter, out = sys.argv[1:4]
 lorakit.merge(base, adapter, out, verify=False, force=True)
 """
+VERIFIED = STREAMED.replace("verify=False", "verify=True")
 
 
 def prepare(workdir: Path) -> tuple[Path, Path]:
@@ -82,6 +84,18 @@ def main(argv: list[str] | None = None) -> dict:
                     "note": "A: from_pretrained + PeftModel + merge_and_unload + save_pretrained; "
                             "B: lorakit.merge streamed, verify=False (the baseline verifies nothing either)"})
     path = save("cpu", "merge_1gb", figures)
+    out_c = workdir / "out-verified"
+    shutil.rmtree(out_c, ignore_errors=True)
+    verified = alternate(python_code(BASELINE) + [str(base), str(adapter), str(out_a)],
+                         python_code(VERIFIED) + [str(base), str(adapter), str(out_c)],
+                         repeats=args.repeats, warmup=0, env=env)
+    verified.update({"base_bytes": size, "base_shards": shards, "targets": {"peak_rss_ratio": 0.5},
+                     "note": "A as above; B: lorakit.merge streamed with verification on (peft reference "
+                             "forward, then the merged model's)"})
+    save("cpu", "merge_1gb_verified", verified)
+    print(f"verified: {verified['b_wall_s']:.1f} s {verified['b_peak_rss_bytes'] / 2**20:.0f} MiB; "
+          f"peak RSS ratio {verified['peak_rss_ratio']:.2f}")
+    figures["verified"] = verified
     print(f"base {size / 2**30:.2f} GiB in {shards} shards; baseline {figures['a_wall_s']:.1f} s "
           f"{figures['a_peak_rss_bytes'] / 2**20:.0f} MiB, streamed {figures['b_wall_s']:.1f} s "
           f"{figures['b_peak_rss_bytes'] / 2**20:.0f} MiB; wall ratio {figures['wall_ratio']:.2f}, "

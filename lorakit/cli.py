@@ -16,6 +16,7 @@ from .accounting import OPTIMIZERS
 from .errors import LorakitError, SpecError
 from .files import atomic_path, refuse_existing, write_text_atomic
 from .fit import fit, parse_memory, render_fit, rows_json
+from .gguf_export import GGUF_TYPES
 from .load import TASKS, build_from_config, resolve_config
 from .merging import METHODS, merge
 from .render import FORMATS, plot
@@ -89,7 +90,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
             raise SpecError(f"--weights {args.weights!r} is not a list of numbers", hint="e.g. --weights 0.7,0.3"
                             ) from None
     done = merge(args.base, args.adapter, args.out, weights=weights, method=args.method, dtype=args.dtype,
-                 verify=not args.no_verify, force=args.force, into=args.into)
+                 verify=not args.no_verify, force=args.force, into=args.into, gguf=args.gguf,
+                 gguf_type=args.gguf_type)
     check = done["verification"]
     print(f"wrote {args.out} ({done['path']}, {done['merged_layers']} layers, {done['wall_seconds']:.1f} s)")
     if check:
@@ -98,6 +100,13 @@ def cmd_merge(args: argparse.Namespace) -> int:
         if "quantization_gap" in check:
             print(f"quantization cost: adapter on its quantized base vs merged full precision: "
                   f"{check['quantization_gap']['max_abs_logit_difference']:.3g}")
+    if done["gguf"]:
+        gguf = done["gguf"]
+        print(f"wrote {gguf['path']} ({gguf['type']}, {gguf['bytes'] / 2**20:.1f} MiB, tokenizer {gguf['tokenizer']})")
+        if gguf["verification"]:
+            print(f"verified by loading it back: max |logit difference| "
+                  f"{gguf['verification']['max_abs_logit_difference']:.2e} "
+                  f"(tolerance {gguf['verification']['tolerance']:.1e})")
     return 0
 
 
@@ -184,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge_cmd.add_argument("--into", default="original", choices=["original", "dequantized"],
                        help="for adapters trained on a k-bit base: the original weights, or the dequantized ones")
     merge_cmd.add_argument("--no-verify", action="store_true", help="skip the logits check against base + adapter")
-    merge_cmd.add_argument("--force", action="store_true", help="replace an existing --out")
+    merge_cmd.add_argument("--gguf", help="also write the merged model to this GGUF file (llama.cpp, Ollama)")
+    merge_cmd.add_argument("--gguf-type", default="f16", choices=list(GGUF_TYPES), help="GGUF weight type")
+    merge_cmd.add_argument("--force", action="store_true", help="replace an existing --out (and --gguf)")
     merge_cmd.set_defaults(func=cmd_merge)
 
     fit_cmd = sub.add_parser("fit", help="which of full fine-tuning, LoRA and QLoRA fit on a GPU, largest batch",

@@ -21,6 +21,7 @@ from typing import Any
 from .adapter import MANIFEST, refuse_pickled, saved_plan, sha256_file, verify as verify_files, versions
 from .errors import LorakitError, SpecError
 from .files import refuse_existing, write_json_atomic
+from .gguf_export import check_gguf, export_gguf, prepare_gguf
 from .load import build_from_config, hub_reachable, package_path, resolve_config
 from .names import adapter_key
 from .specs import torch_dtype
@@ -66,7 +67,9 @@ def _read_adapter(folder: Path) -> dict:
     for key, value in tensors.items():
         name, part = adapter_key(key)
         if part is None:
-            full[name] = value
+            # A bias trained with bias="all"/"lora_only" on a LoRA-wrapped module is saved under peft's
+            # wrapper name (`query.base_layer.bias`); in the base it is `query.bias`.
+            full[name.replace(".base_layer.", ".")] = value
         else:
             lora.setdefault(name, {})[part] = value
     return {"folder": folder, "config": config, "manifest": manifest, "plan": saved_plan(manifest), "lora": lora,
@@ -77,11 +80,13 @@ def _read_adapter(folder: Path) -> dict:
 
 def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list[float] | None = None,
           method: str = "linear", dtype: str | None = None, verify: bool = True, force: bool = False,
-          into: str = "original", stream: bool | None = None) -> dict:
+          into: str = "original", stream: bool | None = None, gguf: str | os.PathLike | None = None,
+          gguf_type: str = "f16") -> dict:
     """Merge one or several adapters into `base` and write a plain transformers checkpoint to `out_dir`.
 
     `base`: anything `lorakit.load` takes, or None to use the adapter manifest's base. Returns the
-    merge report (also written to `out_dir/merge_report.json`).
+    merge report (also written to `out_dir/merge_report.json`). With `gguf`, the merged model is also
+    written to that GGUF file (`gguf_type` f16 or q8_0; Llama family) and checked by loading it back.
     """
     started = time.perf_counter()
     folders = [Path(a) for a in ([adapters] if isinstance(adapters, (str, os.PathLike)) else adapters)]
@@ -98,6 +103,7 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
     out = Path(out_dir)
     staging, old = _leftovers(out)  # first: it may bring back an output a killed merge had set aside
     refuse_existing(out, force, folder=True)
+    gguf_path = prepare_gguf(gguf, gguf_type, force) if gguf is not None else None
     loaded = [_read_adapter(f) for f in folders]
     base = base if base is not None else _base_from_manifest(loaded[0])
     _refuse_overlap(out, base, folders)
@@ -108,6 +114,8 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
         base_config, source = (base.config, None) if in_memory_base else resolve_config(base)
         _check_model_type(loaded[0], base_config)
         base_dir = None if in_memory_base else _local_base_dir(source)
+        if gguf_path is not None:  # refused now, before any weight is merged or written
+            check_gguf(base_config, base_dir, gguf_type)
         # Downstream, a base on disk is read from its folder: resolved once, here.
         base = base if in_memory_base or base_dir is None else base_dir
         streamable = (len(loaded) == 1 and method == "linear" and base_dir is not None
@@ -129,7 +137,10 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
         else:
             stats = _in_memory(base, loaded, staging, task_config, weights, method, dtype)
         _copy_side_files(base_dir, staging)
-        figures = verify_merged(base, loaded, staging, task_config, weights, method, dtype, into) if verify else None
+        figures = verify_merged(base, loaded, staging, task_config, weights, method, dtype or stats["dtype"],
+                                into) if verify else None
+        exported = (export_gguf(staging, gguf_path, gguf_type, name=out.name, verify=verify)
+                    if gguf_path is not None else None)
         report = {
             "base": str(base), "adapters": [{"path": str(a["folder"]), "sha256": a["sha256"]} for a in loaded],
             "method": method, "exactness": EXACTNESS[method] if len(loaded) > 1 else "exact (one adapter)",
@@ -137,7 +148,7 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
             "path": "streamed shard by shard" if use_stream else "peft merge_and_unload (whole model in memory)",
             "verification": figures, "wall_seconds": round(time.perf_counter() - started, 3),
             "peak_rss_bytes": _peak_rss(),
-            "merged_layers": stats["merged_layers"], "versions": versions(),
+            "merged_layers": stats["merged_layers"], "gguf": exported, "versions": versions(),
         }
         write_json_atomic(staging / "merge_report.json", report)
         _publish(staging, out, old)

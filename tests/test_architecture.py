@@ -26,7 +26,7 @@ LAYERS = [
     ["report", "verify"],
     ["render", "data", "metrics", "fit"],
     ["adapter"],
-    ["streaming", "checkpoints"],
+    ["streaming", "checkpoints", "gguf_export"],
     ["trainer", "merging"],
     ["cli"],
 ]

@@ -153,14 +153,24 @@ def test_adapter_trained_on_4bit_merges_into_original_or_dequantized(tmp_path):
     assert json.loads((tmp_path / "deq" / "config.json").read_text()).get("quantization_config") is None
 
 
-def test_bf16_output_states_its_tolerance(tmp_path):
-    adapter = make_adapter("bert", tmp_path, dict(r=4))
-    report = lorakit.merge(tmp_path / "base", adapter, tmp_path / "merged", dtype="bfloat16")
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_merge_is_checked_against_fp32_within_what_rounding_costs(dtype, tmp_path, monkeypatch):
+    import importlib
+
+    adapter = make_adapter("llama", tmp_path, dict(r=4, targets="all-linear"))
+    report = lorakit.merge(tmp_path / "base", adapter, tmp_path / "merged", dtype=dtype)
     from safetensors import safe_open
 
     with safe_open(str(next((tmp_path / "merged").glob("*.safetensors"))), "pt") as handle:
-        assert handle.get_tensor(handle.keys()[0]).dtype == torch.bfloat16
-    assert 0 < report["verification"]["tolerance"] < 1
+        assert handle.get_tensor(handle.keys()[0]).dtype == getattr(torch, dtype)
+    figures = report["verification"]
+    assert 0 < figures["rounding_floor"] and figures["max_abs_logit_difference"] <= figures["tolerance"]
+    # A merge that is wrong by 10% of the adapter's update is caught, even in bf16.
+    streaming = importlib.import_module("lorakit.streaming")
+    real = streaming._scale
+    monkeypatch.setattr(streaming, "_scale", lambda *a: 0.9 * real(*a))
+    with pytest.raises(lorakit.LorakitError, match="verification failed"):
+        lorakit.merge(tmp_path / "base", adapter, tmp_path / "wrong", dtype=dtype)
 
 
 @pytest.mark.parametrize("kwargs,words", [
@@ -264,3 +274,26 @@ def test_cli_merge_and_its_errors(tmp_path, capsys):
     assert err.startswith("error: ") and "--force" in err and "Traceback" not in err
     assert main(["merge", "--adapter", str(adapter), "--adapter", str(adapter), "--weights", "1", "--out",
                  str(tmp_path / "n")]) == 2
+
+
+@pytest.mark.parametrize("lora,path", [(dict(r=4, bias="all"), "streamed"), (dict(r=4, bias="lora_only"), "streamed"),
+                                       (dict(r=4, use_dora=True, bias="all"), "peft")])
+def test_trained_biases_and_dora_merge_into_the_base_names(lora, path, tmp_path):
+    from safetensors.torch import load_file
+
+    build("bert").save_pretrained(tmp_path / "base", max_shard_size="5KB")
+    model = lorakit.wrap(lorakit.load(tmp_path / "base"), lora=lora)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or (name.endswith(".bias") and param.requires_grad):
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    save_extras(model, tmp_path / "adapter")
+    report = lorakit.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+    assert report["path"].startswith(path) and report["verification"]["max_abs_logit_difference"] <= 1e-4
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    trained = saved["base_model.model.bert.encoder.layer.1.attention.self.query.base_layer.bias"]
+    merged = lorakit.load(tmp_path / "merged").state_dict()
+    assert torch.equal(merged["bert.encoder.layer.1.attention.self.query.bias"], trained)
+    assert not any("base_layer" in k for k in merged)
