@@ -28,6 +28,7 @@ _LAZY = {
     "LoraTrainer": "trainer", "training_args": "trainer", "load_adapter": "adapter",
     "classification_metrics": "metrics", "load_metric": "metrics",
     "classification_data": "data", "causal_lm_data": "data", "collator": "data", "merge": "merging",
+    "chat_data": "chat", "gguf_checkpoint": "gguf_source",
 }
 
 
@@ -64,9 +65,11 @@ __all__ = [
     "TargetError",
     "Targets",
     "causal_lm_data",
+    "chat_data",
     "classification_data",
     "classification_metrics",
     "collator",
+    "gguf_checkpoint",
     "load",
     "load_adapter",
     "load_metric",

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LorakitError, ModelNotFoundError, SpecError, closest
+from .gguf_source import gguf_checkpoint
 from .names import ARCHITECTURE_TASKS
 from .plan import make_plan
 from .quantize import bnb_config, require_bitsandbytes
@@ -195,13 +196,16 @@ def build_from_config(config: Any, task: str | None = None, *, meta: bool = Fals
 
 def load(model: str | os.PathLike, *, task: str | None = None, quant: Quant | str | None = None,
          dtype: Any = None, device_map: Any = None, trust_remote_code: bool = False,
-         revision: str | None = None, **from_pretrained_kwargs: Any) -> Any:
+         revision: str | None = None, gguf_file: str | None = None, **from_pretrained_kwargs: Any) -> Any:
     """Load a pretrained model, optionally quantized to 8 or 4 bits, ready for `wrap`.
 
     `model` is a local directory, a zoo name or a Hub id; `task` picks the Auto
     class (default: from the config's architectures); `quant` is None, "8bit",
-    "4bit" or a `Quant`. Weights are read from safetensors only.
+    "4bit" or a `Quant`. Weights are read from safetensors only, or from a GGUF
+    file in `model` named by `gguf_file` (converted once to a cached safetensors folder).
     """
+    if gguf_file is not None:
+        model = gguf_checkpoint(model, gguf_file)
     check_task(task)
     quant = Quant.coerce(quant)
     config_only = {k: v for k, v in from_pretrained_kwargs.items() if k in ("num_labels", "id2label", "label2id")}

@@ -136,7 +136,7 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
             stats = merge_streamed(base_dir, loaded[0], staging, meta, task_config, dtype, into)
         else:
             stats = _in_memory(base, loaded, staging, task_config, weights, method, dtype)
-        _copy_side_files(base_dir, staging)
+        _copy_side_files(base_dir, loaded[0]["folder"], staging)
         figures = verify_merged(base, loaded, staging, task_config, weights, method, dtype or stats["dtype"],
                                 into) if verify else None
         exported = (export_gguf(staging, gguf_path, gguf_type, name=out.name, verify=verify)
@@ -240,12 +240,15 @@ def _in_memory(base: Any, loaded: list[dict], staging: Path, task_config: Any, w
     return {"dtype": str(next(merged.parameters()).dtype).removeprefix("torch."), "merged_layers": layers}
 
 
-def _copy_side_files(base_dir: Path | None, staging: Path) -> None:
-    if base_dir is None:
-        return
+def _copy_side_files(base_dir: Path | None, adapter_dir: Path, staging: Path) -> None:
+    """Tokenizer files (and chat template) from the adapter folder when it saved a tokenizer (it may have added
+    tokens or changed the template), else from the base; never a mix of the two. Other side files: the base's."""
+    from_adapter = (adapter_dir / "tokenizer_config.json").is_file()
     for name in _TOKENIZER_FILES:
-        if (base_dir / name).is_file() and not (staging / name).exists():
-            shutil.copy2(base_dir / name, staging / name)
+        tokenizer_file = name not in ("generation_config.json", "preprocessor_config.json", "processor_config.json")
+        folder = adapter_dir if from_adapter and tokenizer_file else base_dir
+        if folder is not None and (folder / name).is_file() and not (staging / name).exists():
+            shutil.copy2(folder / name, staging / name)
 
 
 def _leftovers(out: Path) -> tuple[Path, Path]:

