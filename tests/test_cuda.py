@@ -61,4 +61,4 @@ def test_qlora_trains_on_the_gpu_and_its_loss_falls(tmp_path):
                                   lora=lorakit.Lora(r=16), quant="4bit")
     trainer.train()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    assert losses[-1] < 0.5 * losses[0], losses
+    assert losses[-1] < losses[0] - 1.0, losses  # random tokens over a 49k vocabulary: 10.9 -> 8.0 on an H100
