@@ -155,10 +155,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(HERE / "results" / "memory-simulated-vs-cuda-h100.json"))
     args = parser.parse_args(argv)
     if args.only:
-        cached = Path("/tmp/lorakit-sim-cache") / f"{args.only}.json"  # TEMPORARY
-        if cached.exists():
-            print("RESULT " + cached.read_text().split("RESULT ", 1)[1], flush=True)
-            return
         print("RESULT " + json.dumps(simulate_key(args.only)), flush=True)
         return
     if args.speed_one:
