@@ -241,3 +241,45 @@ def test_lora_on_chats_learns_to_answer_and_stop_where_the_old_data_path_never_s
     assert int((old_collate(list(old_data))["labels"] == tok.eos_token_id).sum()) == 0  # every EOS masked
     old = _train(smollm2.model(), old_data, old_collate, tmp_path / "old")
     assert not any(r.endswith("<|im_end|>") for r in greedy(old, tok, held_out))
+
+
+# ---- merging keeps the chat model a chat model -----------------------------------------------------------
+
+def batched_replies(model, tokenizer, conversations, max_new_tokens=6) -> list[str]:
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.padding_side = "left"
+    batch = tokenizer.apply_chat_template(conversations, add_generation_prompt=True, padding=True,
+                                          return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.eval().generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                    pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:])
+
+
+def test_merged_model_has_the_adapters_chat_template_and_replies_like_the_adapter(smollm2, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = copy.deepcopy(smollm2.tokenizer)  # the adapter's own template: another system prompt
+    default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    assert default_system in tok.chat_template
+    tok.chat_template = tok.chat_template.replace(default_system, "You are a terse assistant.")
+    model = lorakit.wrap(smollm2.model(), lora=lorakit.Lora(r=4, targets="attention"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a trained-looking adapter: B is zero at initialisation
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    adapter, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+    model.save_pretrained(str(adapter))
+    tok.save_pretrained(str(adapter))
+    lorakit.merge(smollm2.folder, adapter, merged_dir)
+
+    merged_tok = AutoTokenizer.from_pretrained(merged_dir)
+    assert merged_tok.chat_template == tok.chat_template != smollm2.tokenizer.chat_template
+    prompts = [[{"role": "user", "content": f"Name a fruit that starts with the letter {letter}."}]
+               for letter in "ABCDEFGHIKLMNOPRSTVW"]
+    expected = batched_replies(PeftModel.from_pretrained(smollm2.model(), str(adapter)), tok, prompts)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    assert batched_replies(merged, merged_tok, prompts) == expected
+    assert batched_replies(smollm2.model(), tok, prompts) != expected  # the adapter does change replies
