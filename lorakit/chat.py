@@ -56,8 +56,6 @@ def chat_data(source: Any, tokenizer: Any, *, train_on: str = "assistant", max_l
         conversations = [_checked(_as_turns(p, "user") + _as_turns(c, "assistant"), i, train_on)
                          for i, (p, c) in enumerate(zip(table[prompt_column], table[completion_column]))]
     ensure_pad_token(tokenizer)
-    import datasets
-
     rows = [_tokenize(tokenizer, turns, train_on, i) for i, turns in enumerate(conversations)]
     cut = [i for i, (ids, _) in enumerate(rows) if len(ids) > max_length]
     rows = [(ids[:max_length], labels[:max_length]) for ids, labels in rows]
@@ -69,6 +67,8 @@ def chat_data(source: Any, tokenizer: Any, *, train_on: str = "assistant", max_l
     if not kept:
         raise LorakitError(f"every conversation lost its answers to max_length={max_length}",
                            hint="raise max_length or shorten the prompts")
+    import datasets
+
     dataset = datasets.Dataset.from_dict({"input_ids": [rows[i][0] for i in kept],
                                           "labels": [rows[i][1] for i in kept]})
     return pack_rows(dataset, max_length) if pack else dataset

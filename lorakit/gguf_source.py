@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 from pathlib import Path
@@ -104,8 +103,3 @@ def _convert(source: Path, out: Path) -> None:
     model.save_pretrained(str(out), safe_serialization=True)
     tokenizer.save_pretrained(str(out))
 
-
-def origin(folder: str | os.PathLike) -> dict | None:
-    """The GGUF file a cached folder was converted from, or None for any other folder."""
-    path = Path(folder) / ORIGIN
-    return json.loads(path.read_text()) if path.is_file() else None

@@ -164,3 +164,24 @@ def test_training_without_an_eval_set_needs_no_eval_strategy(tmp_path):
     lorakit.LoraTrainer(model=build("llama"), args=args, train_dataset=rows, eval_dataset=rows,
                         lora=lorakit.Lora(r=2))
     assert args.eval_strategy == "epoch"  # an eval set turns per-epoch evaluation on
+
+
+def test_packed_rows_reach_the_collator_through_trainer_with_their_sample_starts(tmp_path):
+    """Trainer drops columns the model's forward does not take; position_ids survive, so packing does."""
+    import datasets
+    from conftest import build
+
+    tok = _word_tokenizer()
+    texts = ["hello world hello"] * 4 + ["world"] * 4
+    data = lorakit.causal_lm_data(datasets.Dataset.from_dict({"text": texts}), tok, max_length=16, pack=True)
+    batches = []
+    collate = lorakit.collator(tok, "causal-lm")
+    args = lorakit.training_args(str(tmp_path), max_steps=1, per_device_train_batch_size=8, save_strategy="no",
+                                 use_cpu=True, disable_tqdm=True)
+    lorakit.LoraTrainer(model=build("llama"), args=args, train_dataset=data, lora=lorakit.Lora(r=2),
+                        data_collator=lambda rows: batches.append(collate(rows)) or batches[-1]).train()
+    positions = batches[0]["position_ids"][0].tolist()  # the sampler shuffles the two packed rows
+    starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+    # four "world</s>" and four "hello world hello</s>"
+    assert sorted(b - a for a, b in zip(starts, starts[1:])) == [2] * 4 + [4] * 4
+    assert "attention_mask" not in batches[0]
