@@ -30,7 +30,7 @@ class InOrder(lorakit.LoraTrainer):
         return torch.utils.data.SequentialSampler(self.train_dataset)
 
 
-trainer = InOrder(model=model, args=args, train_dataset=token_data(64), lora=lorakit.Lora(r=4))
+trainer = InOrder(model=model, args=args, train_dataset=token_data(64), lora=lorakit.Lora(r=4, dropout=0.0))
 trainer.train()
 if trainer.args.process_index == 0:
     weights = {n: p.detach().clone().contiguous() for n, p in trainer.model.named_parameters() if p.requires_grad}
