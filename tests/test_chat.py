@@ -215,7 +215,7 @@ def _train(model, data, collate, tmp_path, steps=16):
     args = lorakit.training_args(str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=2e-3,
                                  save_strategy="no", logging_steps=4, disable_tqdm=True, seed=0, use_cpu=True)
     trainer = lorakit.LoraTrainer(model=model, args=args, train_dataset=data, data_collator=collate,
-                                  lora=lorakit.Lora(r=8, targets="all-linear"))
+                                  lora=lorakit.Lora(r=8, targets="all-linear", dropout=0.0))
     trainer.train()
     return trainer.model
 
