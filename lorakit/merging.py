@@ -105,6 +105,7 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
     refuse_existing(out, force, folder=True)
     gguf_path = prepare_gguf(gguf, gguf_type, force) if gguf is not None else None
     loaded = [_read_adapter(f) for f in folders]
+    _check_init(loaded, into)
     base = base if base is not None else _base_from_manifest(loaded[0])
     _refuse_overlap(out, base, folders)
     _check_compatible(loaded)
@@ -164,6 +165,22 @@ def _base_from_manifest(adapter: dict) -> str:
     if not base:
         raise SpecError(f"{adapter['folder']} does not name its base model", hint="pass --base MODEL")
     return base
+
+
+def _check_init(loaded: list[dict], into: str) -> None:
+    """Adapters whose weights only make sense on a base other than the original weights."""
+    for adapter in loaded:
+        init = str(adapter["config"].get("init_lora_weights", True))
+        if init.startswith("pissa") or init == "olora":
+            raise LorakitError(f"{adapter['folder']} is a {init} adapter in peft's unconverted form: its weights "
+                               "go with the base as that initialisation rewrote it, not with the original base",
+                               hint="save it with LoraTrainer's save_model() (it converts), or with peft's "
+                                    "save_pretrained(..., path_initial_model_for_weight_conversion=...)")
+        if into == "original" and ((adapter["plan"] or {}).get("lora") or {}).get("init") == "loftq":
+            raise LorakitError(f"{adapter['folder']} was initialised by LoftQ to make up for the 4-bit base's "
+                               "rounding; merged into the original weights it would add that correction twice",
+                               hint="merge into the weights it was trained on: into='dequantized' "
+                                    "(--into dequantized)")
 
 
 def _check_compatible(loaded: list[dict]) -> None:

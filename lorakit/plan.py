@@ -193,10 +193,25 @@ def _resolved(lora: Lora, preset: Preset) -> tuple[Lora, list[tuple[str, Any, st
                       ("lora.dropout", dropout, dropout_source), ("lora.targets", targets, targets_source)]
 
 
+def check_init(lora: Lora, quant: Quant | None) -> None:
+    """LoftQ fits a 4-bit base's quantization error; PiSSA and OLoRA move part of the base weights into the
+    adapters, which a quantized base cannot take back."""
+    four_bit = quant is not None and quant.bits == 4
+    if lora.init == "loftq" and not four_bit:
+        raise SpecError("Lora(init='loftq') fits the adapters to a 4-bit base's quantization error, but this base "
+                        f"is {'8-bit' if quant else 'not quantized'}",
+                        hint="add quant='4bit', or use init='pissa' or 'olora' on a full-precision base")
+    if (lora.init.startswith("pissa") or lora.init == "olora") and quant is not None:
+        raise SpecError(f"Lora(init={lora.init!r}) rewrites the base weights, which a quantized base cannot hold",
+                        hint="use init='loftq' with quant='4bit', or drop quant=...")
+
+
 def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze | str | dict | None = None,
               quant: Quant | str | None = None, preset: str | None = None) -> Plan:
     """Decide what `lora`, `freeze` and `quant` do to `model` (real or on the meta device). Changes nothing."""
     lora, freeze, quant = Lora.coerce(lora), Freeze.coerce(freeze), Quant.coerce(quant)
+    if lora is not None:
+        check_init(lora, quant)
     chosen = preset_for(model, preset)
     block_lists = find_block_lists(model, chosen)
     defaults: list[tuple[str, Any, str]] = []

@@ -38,8 +38,22 @@ def bnb_config(quant: Quant, skip: list[str] | tuple[str, ...], model_dtype: Any
                               bnb_4bit_quant_storage=storage, llm_int8_skip_modules=list(skip))
 
 
-def quantize(model: Any, plan: Plan) -> Any:
-    """Quantize the plan's Linear (and Conv1D) layers in place, then prepare the model for k-bit training."""
+def loftq_factors(weight: Any, quantized: Any, rank: int, scaling: float) -> tuple[Any, Any]:
+    """LoftQ's one-step initialisation, as peft's `replace_lora_weights_loftq` does it: (A, B) such that
+    scaling·B·A is the best rank-`rank` fit (truncated SVD) of the quantization error W - dequant(Q(W)).
+    peft's own code moves every weight to CUDA, so lorakit runs the same steps on the weight's device."""
+    import bitsandbytes as bnb
+    import torch
+
+    error = weight.float() - bnb.functional.dequantize_4bit(quantized.data, quantized.quant_state).float()
+    u, s, vh = torch.linalg.svd(error, full_matrices=False)
+    root = (s[:rank] / scaling).sqrt()
+    return vh[:rank] * root[:, None], u[:, :rank] * root
+
+
+def quantize(model: Any, plan: Plan) -> tuple[Any, dict[str, tuple[Any, Any]]]:
+    """Quantize the plan's Linear (and Conv1D) layers in place, then prepare the model for k-bit training.
+    Returns the model and, for a plan with `Lora(init="loftq")`, the LoftQ (A, B) of each 4-bit target."""
     import torch
     from transformers import PreTrainedModel
     from transformers.pytorch_utils import Conv1D
@@ -53,6 +67,9 @@ def quantize(model: Any, plan: Plan) -> Any:
     model_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     config = bnb_config(quant, plan.quant_skipped, model_dtype)
     chosen = set(plan.quantized)
+    lora = plan.lora
+    loftq = {t.name: (t.r, t.alpha / (t.r ** 0.5 if lora.use_rslora else t.r))
+             for t in plan.targets} if lora is not None and lora.init == "loftq" else {}
     originals = {name: (module.weight.detach(), module.bias, module.training, isinstance(module, Conv1D))
                  for name, module in model.named_modules() if name in chosen}
     device = next(iter(model.parameters())).device
@@ -64,6 +81,8 @@ def quantize(model: Any, plan: Plan) -> Any:
         value = weight.T.contiguous() if transposed else weight
         if isinstance(module, bnb.nn.Linear4bit):
             module.weight = bnb.nn.Params4bit(value, requires_grad=False, **module.weight.__dict__).to(device)
+            if name in loftq:
+                loftq[name] = loftq_factors(value.to(device), module.weight, *loftq[name])
         else:
             kwargs = dict(module.weight.__dict__)
             kwargs.pop("SCB", None)
@@ -79,4 +98,4 @@ def quantize(model: Any, plan: Plan) -> Any:
         model.config.quantization_config = config
         model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=False)
     # Gradient checkpointing is a training choice (LoraTrainer's), not a side effect of quantizing.
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), loftq

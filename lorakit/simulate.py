@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .allocator import CachingAllocator
 from .errors import LorakitError, SpecError
 from .materialise import materialise, prepare_bitsandbytes, state_tensors
 from .load import auto_class, check_task, resolve_config, task_from_config
+from .plan import check_init
 from .specs import Freeze, Lora, Quant, torch_dtype
 from .wrap import wrap
 
@@ -86,6 +87,9 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
 
     check_settings(batch_size, seq_len, attn, optimizer, autocast, steps)
     lora, freeze, quant = Lora.coerce(lora), Freeze.coerce(freeze), Quant.coerce(quant)
+    if lora is not None and lora.init != "default":  # how adapters start costs no memory in a training step
+        check_init(lora, quant)
+        lora = replace(lora, init="default")
     config, cls, name = _architecture(model, task, trust_remote_code)
     notes = _position_warning(config, seq_len)
     dtype = torch_dtype(dtype) if dtype else _config_dtype(config)

@@ -91,6 +91,9 @@ def resolve_blocks(selection: list[str | int], count: int, knob: str) -> set[int
     return chosen
 
 
+INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+
+
 @dataclass
 class Lora:
     """Low-rank adapters, applied by peft."""
@@ -113,8 +116,16 @@ class Lora:
     bias: str = _help('train biases too: "none", "all" or "lora_only" (peft bias)', default="none")
     train_fully: list[str] = _help("extra modules trained in full and saved with the adapter "
                                    "(peft modules_to_save)", default_factory=list)
+    init: str = _help('how the adapters start (peft init_lora_weights): "default" (A random, B zero: the model '
+                      'starts as the base), "gaussian", "pissa" or "olora" (from the base weights\' principal '
+                      'or QR factors, which they move out of the base; full-precision bases), "loftq" (B·A '
+                      'starts as the best rank-r fit of a 4-bit base\'s quantization error)', default="default")
 
     def __post_init__(self) -> None:
+        if self.init not in INITS and not re.fullmatch(r"pissa_niter_\d+", str(self.init)):
+            near = closest(str(self.init), INITS)
+            raise SpecError(f"Lora.init must be one of {', '.join(INITS)} (or pissa_niter_N), got {self.init!r}",
+                            hint=f"did you mean {near[0]!r}?" if near else 'leave it at "default"')
         if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0):
             raise SpecError(f"Lora.r must be a positive integer, got {self.r!r}", hint="typical ranks are 4, 8 or 16")
         if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < math.inf):

@@ -45,6 +45,9 @@ class State:
     plan: Plan
     source: Source | None
     fingerprint: dict
+    # PiSSA/OLoRA: the adapters as initialised, in a temporary folder, so that a final save can turn them into a
+    # plain LoRA of the untouched base (peft's path_initial_model_for_weight_conversion). Local: never saved.
+    initial_adapter: str | None = None
 
     def to_dict(self) -> dict:
         return {"plan": self.plan.to_dict(), "source": self.source.to_dict() if self.source else None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,8 @@ def training_args(output_dir: str, **overrides: Any) -> TrainingArguments:
     """TrainingArguments with lorakit's defaults: on CUDA bf16 where supported, else fp16; fp32 on CPU;
     non-reentrant gradient checkpointing when it is turned on; no external loggers. Evaluation is off unless
     eval_strategy is given; `LoraTrainer` turns on per-epoch evaluation when it gets an eval_dataset and
-    eval_strategy was left to this default (Trainer refuses to evaluate without an eval set)."""
+    eval_strategy was left to this default (Trainer refuses to evaluate without an eval set). Without a
+    learning_rate, `LoraTrainer` uses the LoRA plan's (the family preset's, see `Plan.defaults`)."""
     import torch
 
     defaults: dict[str, Any] = {"report_to": "none", "save_strategy": "epoch", "eval_strategy": "no",
@@ -56,6 +58,7 @@ def training_args(output_dir: str, **overrides: Any) -> TrainingArguments:
         defaults["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     args = TrainingArguments(output_dir=output_dir, **{**defaults, **overrides})
     args.lorakit_eval_by_default = "eval_strategy" not in overrides and not overrides.get("load_best_model_at_end")
+    args.lorakit_rate_by_default = "learning_rate" not in overrides
     return args
 
 
@@ -91,6 +94,11 @@ class LoraTrainer(Trainer):
                                hint="wrap it with lora=... or freeze=..., or pass those specs to LoraTrainer")
         if loraplus_ratio is not None and loraplus_ratio <= 0:
             raise LorakitError(f"loraplus_ratio must be > 0, got {loraplus_ratio}", hint="LoRA+ suggests 16")
+        plan = state.plan if (state := state_of(model)) is not None else None
+        if getattr(args, "lorakit_rate_by_default", False) and plan is not None and plan.default("learning_rate"):
+            args.learning_rate = plan.default("learning_rate")
+            source = next(where for knob, _, where in plan.defaults if knob == "learning_rate")
+            logger.info("learning rate %g from %s (training_args was given none)", args.learning_rate, source)
         if getattr(args, "lorakit_eval_by_default", False) and kwargs.get("eval_dataset") is not None:
             args.eval_strategy = IntervalStrategy.EPOCH  # training_args left evaluation to the eval set
         if args is not None and args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
@@ -196,6 +204,14 @@ class LoraTrainer(Trainer):
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if hasattr(model, "peft_config"):
             super()._save(output_dir, state_dict)  # peft's save_pretrained: the adapter only
+            state = state_of(model)
+            if state is not None and state.initial_adapter and not getattr(self, "_staging", False):
+                # PiSSA/OLoRA: checkpoints keep peft's own form (a resume rebuilds the same rewritten base);
+                # the final adapter becomes a plain LoRA of rank 2r on the untouched base, for merge and export
+                with warnings.catch_warnings():  # peft's advice to convert, given while it converts
+                    warnings.filterwarnings("ignore", message=".* changes the base weights")
+                    model.save_pretrained(output_dir, is_main_process=self.args.should_save,
+                                          path_initial_model_for_weight_conversion=state.initial_adapter)
         elif self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
             config = getattr(model, "config", None)

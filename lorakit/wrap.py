@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
+import tempfile
 import warnings
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .errors import AlreadyWrappedError, SpecError
@@ -74,6 +78,8 @@ def lora_config(plan: Plan) -> Any:
         rank_pattern={re.escape(n): t.r for n, t in exact.items() if t.r != lora.r},
         alpha_pattern={re.escape(n): t.alpha for n, t in exact.items() if t.alpha != alpha},
         use_rslora=lora.use_rslora, use_dora=lora.use_dora, bias=lora.bias,
+        # LoftQ: peft's own code needs CUDA; lorakit sets the factors itself once peft has made the layers
+        init_lora_weights={"default": True, "loftq": True}.get(lora.init, lora.init),
         fan_in_fan_out=any(t.kind == "Conv1D" for t in plan.targets), task_type=_PEFT_TASKS.get(plan.task))
 
 
@@ -117,8 +123,9 @@ def execute(model: Any, plan: Plan) -> Any:
     """Carry out a plan made for this model (`make_plan`); returns the model to train."""
     source = source_of(model)
     base_fingerprint = fingerprint(model)  # of the base as loaded, before any change
+    loftq: dict = {}
     if plan.quant is not None:
-        model = quantize(model, plan)
+        model, loftq = quantize(model, plan)
     trainable = set(plan.trainable)
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable and param.is_floating_point())
@@ -127,13 +134,32 @@ def execute(model: Any, plan: Plan) -> Any:
 
         with quiet_peft():
             model = get_peft_model(model, lora_config(plan))
+        for name, (lora_a, lora_b) in loftq.items():
+            layer = model.base_model.model.get_submodule(name)
+            layer.lora_A["default"].weight.data.copy_(lora_a)
+            layer.lora_B["default"].weight.data.copy_(lora_b)
         # peft's classification models append "classifier" and "score" to modules_to_save whatever the model
         # has; the saved config should list what the plan trains, once each.
         for config in model.peft_config.values():
             config.modules_to_save = list(plan.trained_in_full) or None
         _restore_full_training(model, trainable)
-    model.lorakit_state = State(plan=plan, source=source, fingerprint=base_fingerprint)
+    initial = _keep_initial_adapter(model) if plan.lora is not None and rewrites_base(plan.lora.init) else None
+    model.lorakit_state = State(plan=plan, source=source, fingerprint=base_fingerprint, initial_adapter=initial)
     return model
+
+
+def rewrites_base(init: str) -> bool:
+    """PiSSA and OLoRA initialise the adapters from the base weights and subtract them from the base."""
+    return init.startswith("pissa") or init == "olora"
+
+
+def _keep_initial_adapter(peft_model: Any) -> str:
+    """Save the just-initialised adapters to a temporary folder that lives as long as the model."""
+    folder = Path(tempfile.mkdtemp(prefix="lorakit-initial-")) / "initial"
+    weakref.finalize(peft_model, shutil.rmtree, str(folder.parent), True)
+    with quiet_peft():
+        peft_model.save_pretrained(str(folder))
+    return str(folder)
 
 
 def _restore_full_training(peft_model: Any, trainable: set[str]) -> None:
