@@ -193,17 +193,30 @@ def _resolved(lora: Lora, preset: Preset) -> tuple[Lora, list[tuple[str, Any, st
                       ("lora.dropout", dropout, dropout_source), ("lora.targets", targets, targets_source)]
 
 
-def check_init(lora: Lora, quant: Quant | None) -> None:
-    """LoftQ fits a 4-bit base's quantization error; PiSSA and OLoRA move part of the base weights into the
-    adapters, which a quantized base cannot take back."""
+def check_init(lora: Lora, quant: Quant | None, quantized_already: bool = False) -> None:
+    """LoftQ fits a 4-bit base's quantization error, which lorakit computes while it quantizes; PiSSA and
+    OLoRA move part of the base weights into the adapters, which a quantized base cannot take back, and
+    peft converts them back to a plain LoRA only without DoRA and without rsLoRA with per-module patterns."""
+    if lora.init == "default":
+        return
+    if quantized_already:
+        raise SpecError(f"Lora(init={lora.init!r}) needs the full-precision weights, but this model was loaded "
+                        "quantized", hint="load it in full precision and let wrap quantize it: "
+                                          "wrap(model, lora=Lora(init=...), quant='4bit')")
+    if lora.use_dora and lora.init != "gaussian":
+        raise SpecError(f"Lora(init={lora.init!r}) cannot be combined with use_dora", hint="choose one of them")
     four_bit = quant is not None and quant.bits == 4
     if lora.init == "loftq" and not four_bit:
         raise SpecError("Lora(init='loftq') fits the adapters to a 4-bit base's quantization error, but this base "
                         f"is {'8-bit' if quant else 'not quantized'}",
                         hint="add quant='4bit', or use init='pissa' or 'olora' on a full-precision base")
-    if (lora.init.startswith("pissa") or lora.init == "olora") and quant is not None:
-        raise SpecError(f"Lora(init={lora.init!r}) rewrites the base weights, which a quantized base cannot hold",
-                        hint="use init='loftq' with quant='4bit', or drop quant=...")
+    if lora.init in ("pissa", "olora"):
+        if quant is not None:
+            raise SpecError(f"Lora(init={lora.init!r}) rewrites the base weights, which a quantized base cannot "
+                            "hold", hint="use init='loftq' with quant='4bit', or drop quant=...")
+        if lora.use_rslora and (lora.rank_pattern or lora.alpha_pattern):
+            raise SpecError(f"Lora(init={lora.init!r}) with use_rslora and a rank or alpha pattern cannot be "
+                            "saved as a plain LoRA (peft)", hint="drop use_rslora or the patterns")
 
 
 def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze | str | dict | None = None,
@@ -211,7 +224,7 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
     """Decide what `lora`, `freeze` and `quant` do to `model` (real or on the meta device). Changes nothing."""
     lora, freeze, quant = Lora.coerce(lora), Freeze.coerce(freeze), Quant.coerce(quant)
     if lora is not None:
-        check_init(lora, quant)
+        check_init(lora, quant, is_quantized(model))
     chosen = preset_for(model, preset)
     block_lists = find_block_lists(model, chosen)
     defaults: list[tuple[str, Any, str]] = []
@@ -226,6 +239,10 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
             targets.append(Target(name, kinds[name][0], pattern_value(name, lora.rank_pattern, lora.r),
                                   pattern_value(name, lora.alpha_pattern, lora.alpha)))
         skipped += [(n, "trained in full") for n in full]
+        other = [t for t in targets if t.kind not in ("Linear", "Conv1D")]
+        if lora.init in ("pissa", "olora") and other:
+            raise SpecError(f"Lora(init={lora.init!r}) works on Linear layers only (peft), but {other[0].name} is "
+                            f"a {other[0].kind}", hint="target Linear layers only, or leave init at 'default'")
     if lora and "learning_rate" in chosen.recommended:  # a LoRA rate: not for full or head-only training
         defaults.append(("learning_rate", chosen.recommended["learning_rate"], f"preset {chosen.name}"))
     trainable = _trainable(model, freeze, chosen, lora, full, block_lists)

@@ -68,8 +68,9 @@ def quantize(model: Any, plan: Plan) -> tuple[Any, dict[str, tuple[Any, Any]]]:
     config = bnb_config(quant, plan.quant_skipped, model_dtype)
     chosen = set(plan.quantized)
     lora = plan.lora
-    loftq = {t.name: (t.r, t.alpha / (t.r ** 0.5 if lora.use_rslora else t.r))
-             for t in plan.targets} if lora is not None and lora.init == "loftq" else {}
+    # LoftQ: the quantized targets only (a target kept in full precision has no rounding error to fit)
+    loftq = {t.name: (t.r, t.alpha / (t.r ** 0.5 if lora.use_rslora else t.r)) for t in plan.targets
+             if t.name in chosen} if lora is not None and lora.init == "loftq" else {}
     originals = {name: (module.weight.detach(), module.bias, module.training, isinstance(module, Conv1D))
                  for name, module in model.named_modules() if name in chosen}
     device = next(iter(model.parameters())).device
@@ -98,4 +99,5 @@ def quantize(model: Any, plan: Plan) -> tuple[Any, dict[str, tuple[Any, Any]]]:
         model.config.quantization_config = config
         model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=False)
     # Gradient checkpointing is a training choice (LoraTrainer's), not a side effect of quantizing.
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), loftq
+    factors = {name: pair for name, pair in loftq.items() if isinstance(pair[0], torch.Tensor)}
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), factors

@@ -122,9 +122,9 @@ class Lora:
                       'starts as the best rank-r fit of a 4-bit base\'s quantization error)', default="default")
 
     def __post_init__(self) -> None:
-        if self.init not in INITS and not re.fullmatch(r"pissa_niter_\d+", str(self.init)):
+        if self.init not in INITS:  # not peft's pissa_niter_N: its randomized SVD cannot be rebuilt on resume
             near = closest(str(self.init), INITS)
-            raise SpecError(f"Lora.init must be one of {', '.join(INITS)} (or pissa_niter_N), got {self.init!r}",
+            raise SpecError(f"Lora.init must be one of {', '.join(INITS)}, got {self.init!r}",
                             hint=f"did you mean {near[0]!r}?" if near else 'leave it at "default"')
         if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0):
             raise SpecError(f"Lora.r must be a positive integer, got {self.r!r}", hint="typical ranks are 4, 8 or 16")

@@ -25,6 +25,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
 from .adapter import load_trained, save_extras, verify
+from .files import atomic_path
 from .checkpoints import TRASH, rotate, seal, verify_checkpoint
 from .errors import LorakitError
 from .fit import memory_check_callback
@@ -58,7 +59,8 @@ def training_args(output_dir: str, **overrides: Any) -> TrainingArguments:
         defaults["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     args = TrainingArguments(output_dir=output_dir, **{**defaults, **overrides})
     args.lorakit_eval_by_default = "eval_strategy" not in overrides and not overrides.get("load_best_model_at_end")
-    args.lorakit_rate_by_default = "learning_rate" not in overrides
+    # the rate TrainingArguments chose for lack of one; LoraTrainer replaces it with the plan's if still unchanged
+    args.lorakit_default_rate = None if "learning_rate" in overrides else args.learning_rate
     return args
 
 
@@ -73,6 +75,26 @@ _GRADIENT_HINT = (
 
 def _is_no_decay(name: str, module: Any) -> bool:
     return name.endswith("bias") or "norm" in type(module).__name__.lower()
+
+
+def convert_to_plain_lora(model: Any, folder: str, initial_adapter: str, is_main_process: bool) -> None:
+    """Re-save a PiSSA/OLoRA adapter through peft's `path_initial_model_for_weight_conversion`. peft's
+    conversion keeps only lora_A/lora_B: heads (modules_to_save) and trained biases are put back from the
+    adapter just saved, and its reload of the initial adapter must not change what trains."""
+    from safetensors.torch import load_file, save_file
+
+    weights = Path(folder) / "adapter_model.safetensors"
+    kept = {k: v for k, v in load_file(str(weights)).items() if "lora_A" not in k and "lora_B" not in k}
+    trains = {name: p.requires_grad for name, p in model.named_parameters()}
+    with warnings.catch_warnings():  # peft's advice to convert, given while it converts
+        warnings.filterwarnings("ignore", message=".* changes the base weights")
+        model.save_pretrained(folder, is_main_process=is_main_process,
+                              path_initial_model_for_weight_conversion=initial_adapter)
+    for name, param in model.named_parameters():
+        param.requires_grad_(trains.get(name, False))
+    if is_main_process and kept:
+        with atomic_path(weights) as tmp:
+            save_file({**load_file(str(weights)), **kept}, tmp, metadata={"format": "pt"})
 
 
 class LoraTrainer(Trainer):
@@ -95,7 +117,8 @@ class LoraTrainer(Trainer):
         if loraplus_ratio is not None and loraplus_ratio <= 0:
             raise LorakitError(f"loraplus_ratio must be > 0, got {loraplus_ratio}", hint="LoRA+ suggests 16")
         plan = state.plan if (state := state_of(model)) is not None else None
-        if getattr(args, "lorakit_rate_by_default", False) and plan is not None and plan.default("learning_rate"):
+        unset = args is not None and getattr(args, "lorakit_default_rate", None) == args.learning_rate
+        if unset and plan is not None and plan.default("learning_rate"):
             args.learning_rate = plan.default("learning_rate")
             source = next(where for knob, _, where in plan.defaults if knob == "learning_rate")
             logger.info("learning rate %g from %s (training_args was given none)", args.learning_rate, source)
@@ -208,10 +231,7 @@ class LoraTrainer(Trainer):
             if state is not None and state.initial_adapter and not getattr(self, "_staging", False):
                 # PiSSA/OLoRA: checkpoints keep peft's own form (a resume rebuilds the same rewritten base);
                 # the final adapter becomes a plain LoRA of rank 2r on the untouched base, for merge and export
-                with warnings.catch_warnings():  # peft's advice to convert, given while it converts
-                    warnings.filterwarnings("ignore", message=".* changes the base weights")
-                    model.save_pretrained(output_dir, is_main_process=self.args.should_save,
-                                          path_initial_model_for_weight_conversion=state.initial_adapter)
+                convert_to_plain_lora(model, output_dir, state.initial_adapter, self.args.should_save)
         elif self.args.should_save:
             os.makedirs(output_dir, exist_ok=True)
             config = getattr(model, "config", None)

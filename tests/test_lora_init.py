@@ -49,23 +49,34 @@ def test_loftq_starts_the_adapters_at_the_best_rank_r_fit_of_the_rounding_error(
     assert gap["loftq"] < gap["plain"]  # the 4-bit model with LoftQ adapters starts nearer the original
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_pissa_and_olora_save_a_plain_lora_of_the_untouched_base(init, tmp_path):
+def test_loftq_leaves_targets_kept_in_full_precision_at_the_default_start():
+    quant = lorakit.Quant(bits=4, skip_modules=["q_proj"])
+    model = lorakit.wrap(wide_llama(), lora=lorakit.Lora(r=4, targets="all-linear", init="loftq"), quant=quant)
+    layers = {n: m for n, m in model.base_model.model.named_modules() if hasattr(m, "lora_B")}
+    assert all(not m.lora_B["default"].weight.any() for n, m in layers.items() if n.endswith("q_proj"))
+    assert all(m.lora_B["default"].weight.any() for n, m in layers.items() if n.endswith("k_proj"))
+
+
+@pytest.mark.parametrize("init, arch", [("pissa", "llama"), ("olora", "llama"), ("pissa", "bert")])
+def test_pissa_and_olora_save_a_plain_lora_of_the_untouched_base(init, arch, tmp_path):
+    """BERT: a seq-cls head and the pooler train in full beside the adapters, and must survive the conversion."""
     base_dir = tmp_path / "base"
-    build("llama").save_pretrained(base_dir)
-    inputs = sample_inputs("llama")
+    build(arch).save_pretrained(base_dir)
+    inputs = sample_inputs(arch)
     model = lorakit.wrap(lorakit.load(base_dir), lora=lorakit.Lora(r=4, targets="all-linear", dropout=0.0, init=init))
     with torch.no_grad():
         start = model(**inputs).logits
         assert torch.allclose(start, lorakit.load(base_dir)(**inputs).logits, atol=1e-4)  # starts as the base
-        for name, param in model.named_parameters():  # stand-in for training: move every adapter
-            if "lora_" in name:
+        for name, param in model.named_parameters():  # stand-in for training: move every trainable tensor
+            if param.requires_grad:
                 param.add_(0.05 * torch.randn_like(param))
         trained = model(**inputs).logits
+    trains = {n for n, p in model.named_parameters() if p.requires_grad}
     assert not torch.allclose(trained, start, atol=1e-3)
     trainer = lorakit.LoraTrainer(model=model, args=lorakit.training_args(str(tmp_path / "run")))
     trainer.save_model(str(tmp_path / "adapter"))
 
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trains  # training could go on
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["init_lora_weights"] is True and config["r"] == 8  # converted: rank 2r, applies to the original
     reloaded = lorakit.load_adapter(lorakit.load(base_dir), tmp_path / "adapter").eval()
@@ -97,6 +108,10 @@ def test_a_loftq_adapter_merges_into_the_dequantized_base_only(tmp_path):
     (dict(init="pissa"), "4bit", "rewrites the base"),
     (dict(init="olora"), "8bit", "rewrites the base"),
     (dict(init="pisa"), None, "did you mean 'pissa'"),
+    (dict(init="pissa_niter_4"), None, "must be one of"),
+    (dict(init="loftq", use_dora=True), "4bit", "use_dora"),
+    (dict(init="pissa", targets=["embed_tokens"]), None, "Linear layers only"),
+    (dict(init="olora", use_rslora=True, rank_pattern={"q_proj": 2}), None, "rank or alpha pattern"),
 ])
 def test_inits_that_cannot_work_on_this_base_are_refused_before_anything_changes(lora, quant, words):
     model = build("llama")
@@ -107,6 +122,13 @@ def test_inits_that_cannot_work_on_this_base_are_refused_before_anything_changes
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_init_needs_the_weights_before_quantization(tmp_path):
+    build("llama").save_pretrained(tmp_path)
+    with pytest.raises(lorakit.SpecError, match="loaded quantized") as caught:
+        lorakit.wrap(lorakit.load(tmp_path, quant="4bit"), lora=lorakit.Lora(init="loftq"))
+    assert "quant='4bit'" in caught.value.hint
+
+
 def test_the_preset_learning_rate_is_used_when_training_args_names_none(tmp_path):
     preset = tomllib.loads((PRESETS / "llama.toml").read_text())["recommended"]["learning_rate"]
     unset = lorakit.LoraTrainer(model=build("llama"), args=lorakit.training_args(str(tmp_path / "a")),
@@ -115,6 +137,9 @@ def test_the_preset_learning_rate_is_used_when_training_args_names_none(tmp_path
     chosen = lorakit.LoraTrainer(model=build("llama"), lora=lorakit.Lora(),
                                  args=lorakit.training_args(str(tmp_path / "b"), learning_rate=1e-3))
     assert chosen.args.learning_rate == 1e-3
+    later = lorakit.training_args(str(tmp_path / "d"))
+    later.learning_rate = 3e-4  # set after the fact: the user's still
+    assert lorakit.LoraTrainer(model=build("llama"), lora=lorakit.Lora(), args=later).args.learning_rate == 3e-4
     full = lorakit.LoraTrainer(model=lorakit.wrap(build("llama"), freeze="first:2"),
                                args=lorakit.training_args(str(tmp_path / "c")))
     assert full.args.learning_rate == 5e-5  # a preset's rate is a LoRA rate: not for training in full
