@@ -119,6 +119,20 @@ def refuse_pickled(folder: Path) -> None:
                                 ".save_pretrained(new_folder) writes adapter_model.safetensors")
 
 
+def check_mergeable(folder: Path, config: dict, plan: dict | None, into: str) -> None:
+    """Refuse adapters whose weights go with other base weights than those they would be merged into."""
+    init = str(config.get("init_lora_weights", True))
+    if init.startswith("pissa") or init == "olora":
+        raise LorakitError(f"{folder} is a {init} adapter in peft's unconverted form: its weights go with the "
+                           "base as that initialisation rewrote it, not with the original base",
+                           hint="save it with LoraTrainer's save_model() (it converts), or with peft's "
+                                "save_pretrained(..., path_initial_model_for_weight_conversion=...)")
+    if into == "original" and ((plan or {}).get("lora") or {}).get("init") == "loftq":
+        raise LorakitError(f"{folder} was initialised by LoftQ to make up for the 4-bit base's rounding; merged "
+                           "into the original weights it would add that correction twice",
+                           hint="merge into the weights it was trained on: into='dequantized' (--into dequantized)")
+
+
 def verify(folder: str | Path, model: Any | None = None) -> dict:
     """Check a checkpoint's files against its manifest (and its base against `model`); return the manifest."""
     folder = Path(folder)

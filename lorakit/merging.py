@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .adapter import MANIFEST, refuse_pickled, saved_plan, sha256_file, verify as verify_files, versions
+from .adapter import (MANIFEST, check_mergeable, refuse_pickled, saved_plan, sha256_file, verify as verify_files,
+                      versions)
 from .errors import LorakitError, SpecError
 from .files import refuse_existing, write_json_atomic
 from .gguf_export import check_gguf, export_gguf, prepare_gguf
@@ -105,7 +106,8 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
     refuse_existing(out, force, folder=True)
     gguf_path = prepare_gguf(gguf, gguf_type, force) if gguf is not None else None
     loaded = [_read_adapter(f) for f in folders]
-    _check_init(loaded, into)
+    for adapter in loaded:
+        check_mergeable(adapter["folder"], adapter["config"], adapter["plan"], into)
     base = base if base is not None else _base_from_manifest(loaded[0])
     _refuse_overlap(out, base, folders)
     _check_compatible(loaded)
@@ -165,22 +167,6 @@ def _base_from_manifest(adapter: dict) -> str:
     if not base:
         raise SpecError(f"{adapter['folder']} does not name its base model", hint="pass --base MODEL")
     return base
-
-
-def _check_init(loaded: list[dict], into: str) -> None:
-    """Adapters whose weights only make sense on a base other than the original weights."""
-    for adapter in loaded:
-        init = str(adapter["config"].get("init_lora_weights", True))
-        if init.startswith("pissa") or init == "olora":
-            raise LorakitError(f"{adapter['folder']} is a {init} adapter in peft's unconverted form: its weights "
-                               "go with the base as that initialisation rewrote it, not with the original base",
-                               hint="save it with LoraTrainer's save_model() (it converts), or with peft's "
-                                    "save_pretrained(..., path_initial_model_for_weight_conversion=...)")
-        if into == "original" and ((adapter["plan"] or {}).get("lora") or {}).get("init") == "loftq":
-            raise LorakitError(f"{adapter['folder']} was initialised by LoftQ to make up for the 4-bit base's "
-                               "rounding; merged into the original weights it would add that correction twice",
-                               hint="merge into the weights it was trained on: into='dequantized' "
-                                    "(--into dequantized)")
 
 
 def _check_compatible(loaded: list[dict]) -> None:

@@ -193,6 +193,20 @@ def _resolved(lora: Lora, preset: Preset) -> tuple[Lora, list[tuple[str, Any, st
                       ("lora.dropout", dropout, dropout_source), ("lora.targets", targets, targets_source)]
 
 
+def _check_full_names(model: Any, full: list[str], targets: list[str]) -> None:
+    """peft finds modules_to_save by plain name ending (`key.endswith(name)`, no dot): a module trained in full
+    named `out` would also catch every `dropout` and the adapters' own `lora_dropout`."""
+    names = [n for n, _ in model.named_modules() if n]
+    names += [f"{t}.{part}" for t in targets for part in ("lora_dropout", "lora_A", "lora_B", "base_layer")]
+    for keep in full:
+        caught = [n for n in names if n.endswith(keep) and n not in full]
+        if caught:
+            raise TargetError(f"{keep!r} is trained in full beside LoRA, and peft picks such modules by the end of "
+                              f"their name, so it would also catch {caught[0]!r}",
+                              hint=f"rename the module {keep!r} (e.g. to {keep + '_head'!r}), or train it without "
+                                   "LoRA: freeze=... alone keeps it out of peft")
+
+
 def check_init(lora: Lora, quant: Quant | None, quantized_already: bool = False) -> None:
     """LoftQ fits a 4-bit base's quantization error, which lorakit computes while it quantizes; PiSSA and
     OLoRA move part of the base weights into the adapters, which a quantized base cannot take back, and
@@ -239,6 +253,7 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
             targets.append(Target(name, kinds[name][0], pattern_value(name, lora.rank_pattern, lora.r),
                                   pattern_value(name, lora.alpha_pattern, lora.alpha)))
         skipped += [(n, "trained in full") for n in full]
+        _check_full_names(model, full, [t.name for t in targets])
         other = [t for t in targets if t.kind not in ("Linear", "Conv1D")]
         if lora.init in ("pissa", "olora") and other:
             raise SpecError(f"Lora(init={lora.init!r}) works on Linear layers only (peft), but {other[0].name} is "

@@ -17,6 +17,7 @@ from typing import Any
 from .errors import SpecError, closest
 
 DTYPES = ("float32", "bfloat16", "float16")
+INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -91,9 +92,6 @@ def resolve_blocks(selection: list[str | int], count: int, knob: str) -> set[int
     return chosen
 
 
-INITS = ("default", "gaussian", "pissa", "olora", "loftq")
-
-
 @dataclass
 class Lora:
     """Low-rank adapters, applied by peft."""
@@ -116,16 +114,13 @@ class Lora:
     bias: str = _help('train biases too: "none", "all" or "lora_only" (peft bias)', default="none")
     train_fully: list[str] = _help("extra modules trained in full and saved with the adapter "
                                    "(peft modules_to_save)", default_factory=list)
-    init: str = _help('how the adapters start (peft init_lora_weights): "default" (A random, B zero: the model '
-                      'starts as the base), "gaussian", "pissa" or "olora" (from the base weights\' principal '
-                      'or QR factors, which they move out of the base; full-precision bases), "loftq" (B·A '
-                      'starts as the best rank-r fit of a 4-bit base\'s quantization error)', default="default")
+    init: str = _help('how adapters start (peft init_lora_weights): "default" (B = 0), "gaussian", "pissa" or '
+                      '"olora" (full-precision bases), "loftq" (4-bit bases)', default="default")
 
     def __post_init__(self) -> None:
         if self.init not in INITS:  # not peft's pissa_niter_N: its randomized SVD cannot be rebuilt on resume
-            near = closest(str(self.init), INITS)
             raise SpecError(f"Lora.init must be one of {', '.join(INITS)}, got {self.init!r}",
-                            hint=f"did you mean {near[0]!r}?" if near else 'leave it at "default"')
+                            hint=f"did you mean {(closest(str(self.init), INITS) or ['default'])[0]!r}?")
         if self.r is not None and (isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0):
             raise SpecError(f"Lora.r must be a positive integer, got {self.r!r}", hint="typical ranks are 4, 8 or 16")
         if self.alpha is not None and not (isinstance(self.alpha, (int, float)) and 0 < self.alpha < math.inf):
@@ -282,13 +277,9 @@ class Quant:
             return value
         if value in ("none", "", 0):
             return None
-        text = str(value).lower()
-        if text in ("8bit", "8", "int8"):
-            return cls(bits=8)
-        if text in ("4bit", "4", "nf4"):
-            return cls(bits=4)
-        if text == "fp4":
-            return cls(bits=4, quant_type="fp4")
+        named = {"8bit": 8, "8": 8, "int8": 8, "4bit": 4, "4": 4, "nf4": 4, "fp4": 4}.get(str(value).lower())
+        if named:
+            return cls(bits=named, quant_type="fp4" if str(value).lower() == "fp4" else "nf4")
         raise SpecError(f"unknown quantization {value!r}", hint='use None, "8bit", "4bit" or lorakit.Quant(...)')
 
 

@@ -135,3 +135,28 @@ def test_python_dash_m_lorakit_is_the_command():
 
     done = subprocess.run([sys.executable, "-m", "lorakit", "zoo"], capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 0 and "presets" in done.stdout and "bert" in done.stdout
+
+
+class _OutHead(torch.nn.Module):
+    """A plain model whose head is named `out`: peft's modules_to_save matches by name ending."""
+
+    def __init__(self):
+        super().__init__()
+        self.hidden = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(2))
+        self.dropout = torch.nn.Dropout(0.1)
+        self.out = torch.nn.Linear(8, 2)
+
+    def forward(self, x):
+        for layer in self.hidden:
+            x = layer(x)
+        return self.out(self.dropout(x))
+
+
+def test_a_head_whose_name_ends_other_modules_is_refused_not_a_peft_type_error():
+    model = _OutHead()
+    with pytest.raises(lorakit.TargetError, match="would also catch 'dropout'") as caught:
+        lorakit.wrap(model, lora=lorakit.Lora(r=2, targets="all-linear", train_fully=["out"]))
+    assert "rename" in caught.value.hint
+    assert all(p.requires_grad for p in model.parameters())  # untouched
+    trained = lorakit.wrap(_OutHead(), freeze=lorakit.Freeze(patterns=[r"^hidden\.0\."]))  # the hint's way out
+    assert trained.out.weight.requires_grad and not trained.hidden[0].weight.requires_grad
