@@ -11,13 +11,12 @@ hashes let resume refuse a truncated file, instead of training on garbage.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 from .errors import LorakitError
-from .files import atomic_path, write_json_atomic
+from .files import atomic_path, sha256_file, write_json_atomic
 from .names import base_name
 from .report import report
 from .state import fingerprint, state_of
@@ -27,14 +26,6 @@ FORMAT = "lorakit-adapter/2"
 MANIFEST = "lorakit_manifest.json"
 TRAINED = "lorakit_trained.safetensors"
 _PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def trained_outside_peft(model: Any) -> dict:

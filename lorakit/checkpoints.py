@@ -15,9 +15,8 @@ from pathlib import Path
 
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .adapter import sha256_file
 from .errors import LorakitError
-from .files import write_json_atomic
+from .files import sha256_file, write_json_atomic
 
 CHECKSUMS = "lorakit_checkpoint.json"
 TRASH = ".lorakit-trash-"  # a checkpoint being deleted: renamed aside first, so no half-deleted one keeps its name

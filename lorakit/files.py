@@ -6,6 +6,7 @@ when complete, with the permissions a plain open() would have given. An existing
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -15,6 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LorakitError
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """The sha256 of a file, read in 1 MiB blocks (weight files are large)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def refuse_existing(path: str | os.PathLike, force: bool, *, folder: bool = False) -> None:

@@ -13,14 +13,13 @@ training, adapter manifests (which name the folder as the base) and merging
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 import shutil
 from pathlib import Path
 
 from .errors import LorakitError, ModelNotFoundError
-from .files import write_json_atomic
+from .files import sha256_file, write_json_atomic
 
 ORIGIN = "lorakit_gguf_source.json"
 
@@ -44,21 +43,13 @@ def gguf_path(folder: str | os.PathLike | None, gguf_file: str | os.PathLike) ->
                                   "e.g. load(folder, gguf_file='model.Q4_1.gguf')")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def gguf_checkpoint(folder: str | os.PathLike | None, gguf_file: str | os.PathLike) -> Path:
     """A plain transformers folder holding the dequantized weights of a GGUF file (converted once, cached).
 
     Pass the result to `lorakit.load`, `AutoTokenizer.from_pretrained` or `lorakit.merge` as the base.
     """
     source = gguf_path(folder, gguf_file)
-    digest = _sha256(source)
+    digest = sha256_file(source)
     target = cache_root() / "gguf" / f"{source.stem}-{digest[:16]}"
     if (target / ORIGIN).is_file():  # written last: its presence means the folder is complete
         return target

@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .adapter import (MANIFEST, check_mergeable, refuse_pickled, saved_plan, sha256_file, verify as verify_files,
-                      versions)
+from .adapter import MANIFEST, check_mergeable, refuse_pickled, saved_plan, verify as verify_files, versions
 from .errors import LorakitError, SpecError
-from .files import refuse_existing, write_json_atomic
+from .files import refuse_existing, sha256_file, write_json_atomic
 from .gguf_export import check_gguf, export_gguf, prepare_gguf
 from .load import build_from_config, hub_reachable, package_path, resolve_config
 from .names import adapter_key
