@@ -19,6 +19,7 @@ from .errors import LorakitError
 from .files import atomic_path, sha256_file, write_json_atomic
 from .names import base_name
 from .report import report
+from .specs import REWRITES_BASE
 from .state import fingerprint, state_of
 from .wrap import quiet_peft
 
@@ -113,7 +114,7 @@ def refuse_pickled(folder: Path) -> None:
 def check_mergeable(folder: Path, config: dict, plan: dict | None, into: str) -> None:
     """Refuse adapters whose weights go with other base weights than those they would be merged into."""
     init = str(config.get("init_lora_weights", True))
-    if init.startswith("pissa") or init == "olora":
+    if init.startswith(REWRITES_BASE):  # also peft's own variants, e.g. pissa_niter_16
         raise LorakitError(f"{folder} is a {init} adapter in peft's unconverted form: its weights go with the "
                            "base as that initialisation rewrote it, not with the original base",
                            hint="save it with LoraTrainer's save_model() (it converts), or with peft's "

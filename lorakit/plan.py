@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import QuantizationError, SpecError, TargetError
 from .names import adaptable_kind, is_norm, outermost, output_embedding_names, suffix_match, task_of_class, under
-from .specs import Freeze, Lora, Quant, spec_dict
+from .specs import REWRITES_BASE, Freeze, Lora, Quant, spec_dict
 from .state import is_quantized, source_of
 from .targeting import candidates, did_you_mean, in_blocks, pattern_value, resolve_targets
 from .zoo import Preset, find_block_lists, preset_for
@@ -224,7 +224,7 @@ def check_init(lora: Lora, quant: Quant | None, quantized_already: bool = False)
         raise SpecError("Lora(init='loftq') fits the adapters to a 4-bit base's quantization error, but this base "
                         f"is {'8-bit' if quant else 'not quantized'}",
                         hint="add quant='4bit', or use init='pissa' or 'olora' on a full-precision base")
-    if lora.init in ("pissa", "olora"):
+    if lora.init in REWRITES_BASE:
         if quant is not None:
             raise SpecError(f"Lora(init={lora.init!r}) rewrites the base weights, which a quantized base cannot "
                             "hold", hint="use init='loftq' with quant='4bit', or drop quant=...")
@@ -255,7 +255,7 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
         skipped += [(n, "trained in full") for n in full]
         _check_full_names(model, full, [t.name for t in targets])
         other = [t for t in targets if t.kind not in ("Linear", "Conv1D")]
-        if lora.init in ("pissa", "olora") and other:
+        if lora.init in REWRITES_BASE and other:
             raise SpecError(f"Lora(init={lora.init!r}) works on Linear layers only (peft), but {other[0].name} is "
                             f"a {other[0].kind}", hint="target Linear layers only, or leave init at 'default'")
     if lora and "learning_rate" in chosen.recommended:  # a LoRA rate: not for full or head-only training

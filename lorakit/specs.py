@@ -18,6 +18,7 @@ from .errors import SpecError, closest
 
 DTYPES = ("float32", "bfloat16", "float16")
 INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+REWRITES_BASE = ("pissa", "olora")  # inits that move part of the base weights into the adapters
 
 
 def _help(text: str, **kw: Any) -> Any:

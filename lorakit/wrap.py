@@ -25,7 +25,7 @@ from .names import peft_role
 from .plan import Plan, make_plan
 from .targeting import candidates
 from .quantize import quantize, require_bitsandbytes
-from .specs import Lora
+from .specs import REWRITES_BASE, Lora
 from .state import State, fingerprint, is_wrapped, source_of
 from .zoo import find_block_lists, preset_for
 
@@ -143,14 +143,10 @@ def execute(model: Any, plan: Plan) -> Any:
         for config in model.peft_config.values():
             config.modules_to_save = list(plan.trained_in_full) or None
         _restore_full_training(model, trainable)
-    initial = _keep_initial_adapter(model) if plan.lora is not None and rewrites_base(plan.lora.init) else None
+    rewrites = plan.lora is not None and plan.lora.init in REWRITES_BASE
+    initial = _keep_initial_adapter(model) if rewrites else None
     model.lorakit_state = State(plan=plan, source=source, fingerprint=base_fingerprint, initial_adapter=initial)
     return model
-
-
-def rewrites_base(init: str) -> bool:
-    """PiSSA and OLoRA initialise the adapters from the base weights and subtract them from the base."""
-    return init.startswith("pissa") or init == "olora"
 
 
 def _keep_initial_adapter(peft_model: Any) -> str:
