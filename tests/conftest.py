@@ -127,6 +127,17 @@ def sample_inputs(name: str, model=None) -> dict:
     return {"input_ids": ids, "labels": ids}
 
 
+def look_trained(model, scale: float, *, seed: int = 1, also=lambda name, param: False):
+    """Give every lora_B (and whatever `also(name, param)` picks) random values, as training would: B starts at
+    zero, so an untrained adapter changes nothing and a merge or export of it would prove nothing."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or also(name, param):
+                param.copy_(torch.randn(param.shape, generator=generator) * scale)
+    return model
+
+
 def loss_of(name: str, model, inputs: dict) -> torch.Tensor:
     out = model(**inputs)
     if name == "mlp":

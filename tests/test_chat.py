@@ -11,7 +11,7 @@ import copy
 import datasets
 import pytest
 import torch
-from conftest import SMOLLM2_GGUF, smollm2_package
+from conftest import SMOLLM2_GGUF, look_trained, smollm2_package
 
 import lorakit
 
@@ -264,12 +264,7 @@ def test_merged_model_has_the_adapters_chat_template_and_replies_like_the_adapte
     default_system = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     assert default_system in tok.chat_template
     tok.chat_template = tok.chat_template.replace(default_system, "You are a terse assistant.")
-    model = lorakit.wrap(smollm2.model(), lora=lorakit.Lora(r=4, targets="attention"))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # a trained-looking adapter: B is zero at initialisation
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    model = look_trained(lorakit.wrap(smollm2.model(), lora=lorakit.Lora(r=4, targets="attention")), 0.02, seed=0)
     adapter, merged_dir = tmp_path / "adapter", tmp_path / "merged"
     model.save_pretrained(str(adapter))
     tok.save_pretrained(str(adapter))

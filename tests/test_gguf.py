@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import look_trained
 
 import lorakit
 from lorakit.adapter import save_extras
@@ -32,12 +33,7 @@ def tiny_llama(folder: Path, sharp: bool = True) -> Path:
                 layer.self_attn.q_proj.weight.mul_(5)
                 layer.self_attn.k_proj.weight.mul_(5)
     model.save_pretrained(folder / "base")
-    wrapped = lorakit.wrap(lorakit.load(folder / "base"), lora=dict(r=4, targets="all-linear"))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in wrapped.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    wrapped = look_trained(lorakit.wrap(lorakit.load(folder / "base"), lora=dict(r=4, targets="all-linear")), 0.1)
     wrapped.save_pretrained(folder / "adapter")
     save_extras(wrapped, folder / "adapter")
     return folder / "adapter"
@@ -150,12 +146,7 @@ def smollm2_base(smollm2):
 def test_smollm2_merged_to_gguf_replies_like_the_merged_model(smollm2_base, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    wrapped = lorakit.wrap(lorakit.load(smollm2_base), lora=dict(r=8, targets="attention"))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in wrapped.named_parameters():
-            if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.01)
+    wrapped = look_trained(lorakit.wrap(lorakit.load(smollm2_base), lora=dict(r=8, targets="attention")), 0.01)
     wrapped.save_pretrained(tmp_path / "adapter")
     save_extras(wrapped, tmp_path / "adapter")
     del wrapped

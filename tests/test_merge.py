@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import build, sample_inputs
+from conftest import build, look_trained, sample_inputs
 
 import lorakit
 from lorakit.adapter import save_extras
@@ -33,12 +33,8 @@ def make_adapter(arch: str, folder: Path, lora: dict, seed: int = 1, quant: str 
     base_dir = folder / "base"
     if not base_dir.exists():
         (wide_llama() if arch == "wide-llama" else build(arch)).save_pretrained(base_dir, max_shard_size="5KB")
-    model = lorakit.wrap(lorakit.load(base_dir), lora=lora, quant=quant)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name or "modules_to_save" in name:
-                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    model = look_trained(lorakit.wrap(lorakit.load(base_dir), lora=lora, quant=quant), 0.1, seed=seed,
+                         also=lambda name, _: "modules_to_save" in name)
     out = folder / f"adapter-{seed}"
     model.save_pretrained(out)
     save_extras(model, out)
@@ -282,12 +278,8 @@ def test_trained_biases_and_dora_merge_into_the_base_names(lora, path, tmp_path)
     from safetensors.torch import load_file
 
     build("bert").save_pretrained(tmp_path / "base", max_shard_size="5KB")
-    model = lorakit.wrap(lorakit.load(tmp_path / "base"), lora=lora)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name or (name.endswith(".bias") and param.requires_grad):
-                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+    model = look_trained(lorakit.wrap(lorakit.load(tmp_path / "base"), lora=lora), 0.1,
+                         also=lambda name, param: name.endswith(".bias") and param.requires_grad)
     model.save_pretrained(tmp_path / "adapter")
     save_extras(model, tmp_path / "adapter")
     report = lorakit.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
