@@ -134,6 +134,13 @@ def planned_records(model: Any, plan: Plan) -> list[Record]:
         if in_copy:  # peft keeps the original (frozen) and trains a copy
             records.append(Record(module_path, module_kind(module), numel, numel * element, element, True, "copy"))
     for target in plan.targets:
+        if target.parameter:  # peft's ParamWrapper: one (A, B) pair per expert, stacked
+            owner = target.name.rpartition(".")[0]
+            shape = model.get_parameter(target.name).shape
+            experts, rows, cols = shape if len(shape) == 3 else (1, *shape)
+            for count in (target.r * experts * cols, rows * target.r * experts):
+                records.append(Record(owner, module_kind(modules[owner]), count, 4 * count, 4, True, "lora"))
+            continue
         module = modules[target.name]
         for count in lora_sizes(module, target.r):
             records.append(Record(target.name, module_kind(module), count, 4 * count, 4, True, "lora"))

@@ -24,7 +24,7 @@ from typing import Any
 
 from .errors import LorakitError, ModelNotFoundError, SpecError, closest
 from .gguf_source import gguf_checkpoint
-from .names import ARCHITECTURE_TASKS
+from .names import task_of_class
 from .plan import make_plan
 from .quantize import bnb_config, require_bitsandbytes
 from .specs import Quant, torch_dtype
@@ -40,6 +40,9 @@ TASKS = {
     "seq2seq": "AutoModelForSeq2SeqLM",
     "image-cls": "AutoModelForImageClassification",
     "masked-lm": "AutoModelForMaskedLM",
+    "image-text-to-text": "AutoModelForImageTextToText",
+    "speech-seq2seq": "AutoModelForSpeechSeq2Seq",
+    "audio-cls": "AutoModelForAudioClassification",
     "base": "AutoModel",
 }
 
@@ -53,9 +56,9 @@ def check_task(task: str | None) -> None:
 
 def task_from_config(config: Any) -> str:
     for architecture in getattr(config, "architectures", None) or []:
-        for ending, task in ARCHITECTURE_TASKS:
-            if architecture.endswith(ending):
-                return task
+        task = task_of_class(architecture)
+        if task is not None:
+            return task
     return "base"
 
 

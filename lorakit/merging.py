@@ -120,8 +120,10 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
             check_gguf(base_config, base_dir, gguf_type)
         # Downstream, a base on disk is read from its folder: resolved once, here.
         base = base if in_memory_base or base_dir is None else base_dir
+        # An adapter of expert tensors is streamed with the layout its Plan recorded (a plain peft one has none)
         streamable = (len(loaded) == 1 and method == "linear" and base_dir is not None
-                      and not loaded[0]["config"].get("use_dora"))
+                      and not loaded[0]["config"].get("use_dora")
+                      and (not loaded[0]["config"].get("target_parameters") or "targets" in loaded[0]["plan"]))
         if stream is True and not streamable:
             raise SpecError("this merge cannot be streamed",
                             hint="streaming needs one adapter, method linear, no DoRA, and a local safetensors base")

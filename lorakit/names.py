@@ -35,7 +35,20 @@ def outermost(names: Any) -> list[str]:
     return sorted(n for n in chosen if not any(n.startswith(o + ".") for o in chosen))
 
 
+# Tasks whose classes share an ending with another task's ("ForConditionalGeneration" is a vision-language
+# model, Whisper or T5; wav2vec2's audio classifier is a "ForSequenceClassification"): transformers' own
+# Auto-class tables are asked first.
+MAPPED_TASKS = (("audio-cls", "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES"),
+                ("image-text-to-text", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"),
+                ("speech-seq2seq", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES"))
+
+
 def task_of_class(class_name: str) -> str | None:
+    from transformers.models.auto import modeling_auto
+
+    for task, table in MAPPED_TASKS:
+        if class_name in getattr(modeling_auto, table).values():
+            return task
     return next((task for ending, task in ARCHITECTURE_TASKS if class_name.endswith(ending)), None)
 
 
@@ -56,6 +69,24 @@ def adaptable_kind(module: Any) -> str | None:
     return None
 
 
+def is_router(module: Any) -> bool:
+    """An MoE layer's router (transformers 5: `*TopKRouter`, `*Router`), whatever it subclasses."""
+    return type(module).__name__.lower().endswith("router")
+
+
+def parameter_targets(module: Any) -> list[tuple[str, str]]:
+    """(parameter name, kind) of what peft can adapt on this module only through `target_parameters`:
+    "Experts" for each fused 3D expert tensor (transformers 5 keeps an MoE layer's experts as 3D
+    parameters of an `*Experts` module, not as Linear layers), "Router" for the weight of a router that
+    is not a Linear layer. Anything else: none."""
+    if type(module).__name__.endswith("Experts"):
+        return [(n, "Experts") for n, p in module.named_parameters(recurse=False)
+                if p.dim() == 3 and p.is_floating_point()]
+    if is_router(module) and adaptable_kind(module) is None and getattr(module, "weight", None) is not None:
+        return [("weight", "Router")]
+    return []
+
+
 def is_norm(module: Any) -> bool:
     return "norm" in type(module).__name__.lower()
 
@@ -64,6 +95,10 @@ def module_kind(module: Any) -> str:
     """The kind a report groups by: Linear (Conv1D and quantized layers too), Conv, Embedding, Norm, or the
     class name."""
     kind = adaptable_kind(module)
+    if is_router(module):
+        return "Router"
+    if any(k == "Experts" for _, k in parameter_targets(module)):
+        return "Experts"
     if kind in ("Linear", "Conv1D"):
         return "Linear"
     if kind == "Conv2d" or type(module).__name__.startswith("Conv"):
@@ -93,8 +128,8 @@ def peft_role(name: str) -> tuple[str, str]:
     role is "lora" (adapter weights, named by the module they adapt), "copy" (a modules_to_save
     copy, named by the module it copies) or "base"."""
     stripped = name.removeprefix("base_model.model.")
-    if "lora_" in stripped:
-        return "lora", stripped.split(".lora_")[0]
+    if "lora_" in stripped:  # nested wrappers (several expert tensors of one module) add .base_layer
+        return "lora", stripped.split(".lora_")[0].replace(".base_layer", "")
     if ".modules_to_save." in stripped:
         return "copy", stripped.split(".modules_to_save")[0]
     return "base", stripped.replace(".base_layer", "").replace(".original_module", "")

@@ -19,21 +19,24 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import QuantizationError, SpecError, TargetError
-from .names import adaptable_kind, is_norm, outermost, output_embedding_names, suffix_match, task_of_class, under
+from .names import (adaptable_kind, is_norm, outermost, output_embedding_names, parameter_targets, suffix_match,
+                    task_of_class, under)
 from .specs import REWRITES_BASE, Freeze, Lora, Quant, spec_dict
 from .state import is_quantized, source_of
-from .targeting import candidates, did_you_mean, in_blocks, pattern_value, resolve_targets
-from .zoo import Preset, find_block_lists, preset_for
+from .targeting import all_linear, candidates, did_you_mean, in_blocks, pattern_value, resolve_targets
+from .zoo import Preset, block_of, find_block_lists, preset_for
 
 
 @dataclass(frozen=True)
 class Target:
-    """One module that gets LoRA adapters."""
+    """One module, or one parameter tensor, that gets LoRA adapters."""
 
     name: str
-    kind: str      # Linear, Conv1D, Conv2d, Embedding
+    kind: str      # Linear, Conv1D, Conv2d, Embedding; Experts (a fused 3D expert tensor), Router
     r: int
     alpha: float
+    parameter: bool = False    # adapted through peft's target_parameters: `name` is a parameter's
+    transposed: bool = False   # an expert tensor stored (experts, in, out), not (experts, out, in)
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,16 @@ class Plan:
     @property
     def target_names(self) -> list[str]:
         return [t.name for t in self.targets]
+
+    @property
+    def target_modules(self) -> list[str]:
+        """The modules peft wraps by name (its target_modules)."""
+        return [t.name for t in self.targets if not t.parameter]
+
+    @property
+    def target_parameters(self) -> list[str]:
+        """The parameter tensors peft adapts in place (its target_parameters): MoE experts, routers."""
+        return [t.name for t in self.targets if t.parameter]
 
     def default(self, knob: str) -> Any:
         """The value used for `knob` ("lora.r", "lora.alpha", "lora.dropout", "lora.targets", "learning_rate"),
@@ -163,6 +176,15 @@ def _quantized(model: Any, skip: list[str]) -> list[str]:
     names = [n for n, m in model.named_modules()
              if (type(m) is torch.nn.Linear or adaptable_kind(m) == "Conv1D") and should_convert_module(n, skip)]
     if not names:
+        subclassed = sorted({type(m).__name__ for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+                             and type(m) is not torch.nn.Linear and should_convert_module(n, skip)})
+        if subclassed:
+            raise QuantizationError(f"this model's Linear layers are {', '.join(subclassed)}, subclasses of "
+                                    "nn.Linear that transformers' bitsandbytes integration does not replace (it takes "
+                                    "nn.Linear and Conv1D only), so neither wrap(quant=...) nor from_pretrained("
+                                    "quantization_config=...) would quantize anything",
+                                    hint="train it in bf16 without quant=..., or use a checkpoint of this family "
+                                         "that transformers quantizes")
         raise QuantizationError("this model has no Linear layer to quantize outside its heads",
                                 hint="quantization applies to Linear/Conv1D layers; drop quant=...")
     return names
@@ -191,6 +213,67 @@ def _resolved(lora: Lora, preset: Preset) -> tuple[Lora, list[tuple[str, Any, st
     resolved = dataclasses.replace(lora, r=r, alpha=alpha, dropout=dropout, targets=targets)
     return resolved, [("lora.r", r, r_source), ("lora.alpha", alpha, alpha_source),
                       ("lora.dropout", dropout, dropout_source), ("lora.targets", targets, targets_source)]
+
+
+def _target(model: Any, name: str, kind: str, lora: Lora) -> Target:
+    """A target with its rank and alpha: peft's rank/alpha pattern first, then Lora.expert_rank for experts."""
+    r = pattern_value(name, lora.rank_pattern, None)
+    alpha = pattern_value(name, lora.alpha_pattern, None)
+    parameter = kind == "Experts" or (kind == "Router" and name.endswith(".weight")
+                                      and adaptable_kind(model.get_submodule(name.rpartition(".")[0])) is None)
+    owner = model.get_submodule(name.rpartition(".")[0]) if parameter else None
+    if r is None and kind == "Experts" and lora.expert_rank is not None:
+        experts = model.get_parameter(name).shape[0]
+        r = max(1, lora.r // experts) if lora.expert_rank == "split" else lora.expert_rank
+        alpha = alpha if alpha is not None else lora.alpha * r / lora.r  # the same scaling alpha/r as the rest
+    return Target(name, kind, r if r is not None else lora.r, alpha if alpha is not None else lora.alpha,
+                  parameter=parameter, transposed=bool(getattr(owner, "is_transposed", False)))
+
+
+def _parameter_targets_checked(lora: Lora, defaults: list, targets: list[Target]) -> tuple[Lora, list]:
+    """peft adapts expert tensors and routers in place (its ParamWrapper), which takes no dropout and no DoRA:
+    a dropout the user did not choose becomes 0, and the Plan says so; one the user chose is refused."""
+    parameters = [t for t in targets if t.parameter]
+    if not parameters:
+        return lora, defaults
+    if lora.use_dora:
+        raise SpecError(f"Lora(use_dora=True) cannot adapt {parameters[0].name}: peft has no DoRA for MoE expert "
+                        "tensors or routers", hint="drop use_dora, or leave the experts out of Lora.targets")
+    source = dict((k, s) for k, _, s in defaults)["lora.dropout"]
+    if lora.dropout:
+        if source == "Lora.dropout":
+            raise SpecError(f"Lora.dropout={lora.dropout} cannot apply to {parameters[0].name}: peft adapts MoE "
+                            "expert tensors and routers in place (ParamWrapper), with no dropout",
+                            hint="set dropout=0, or leave the experts out of Lora.targets")
+        defaults = [d if d[0] != "lora.dropout" else ("lora.dropout", 0.0, f"0, not {lora.dropout} ({source}): peft's "
+                    "ParamWrapper, which adapts the expert tensors, has no dropout") for d in defaults]
+        lora = dataclasses.replace(lora, dropout=0.0)
+    return lora, defaults
+
+
+def _left_out(found: dict, preset: Preset, block_lists: list[str], lora: Lora, targets: list[Target],
+              excluded: set[str]) -> list[tuple[str, str]]:
+    """What the LoRA spec could have adapted but did not, where that is a decision worth stating: routers,
+    the preset's groups it leaves out by default, and the Linear layers outside the blocks that all-linear
+    skips (peft's all-linear takes them)."""
+    chosen = {t.name for t in targets}
+    wanted = [lora.targets] if isinstance(lora.targets, str) else list(lora.targets)
+    why: dict[str, str] = {}
+    if "all-linear" in wanted:
+        inside = all_linear(found, block_lists, excluded)
+        for name, (kind, _) in found.items():
+            if kind in ("Linear", "Conv1D") and name not in inside and not under(name, excluded):
+                why[name] = ("outside the repeated blocks: lorakit's all-linear adapts the blocks (peft's would take "
+                             "this too); name it in Lora.targets to adapt it, or in Lora.train_fully to train it")
+    for group, reason in (preset.left_out or {}).items():
+        if group not in wanted:
+            for name, (kind, rel) in found.items():
+                if preset.group_matches(group, rel if block_of(name, block_lists) else None, name):
+                    why.setdefault(name, reason)
+    for name, (kind, _) in found.items():
+        if kind == "Router":
+            why[name] = "MoE router: adapted only when named (Lora.targets=[..., \"router\"])"
+    return sorted((n, w) for n, w in why.items() if n not in chosen and not under(n, excluded))
 
 
 def _check_full_names(model: Any, full: list[str], targets: list[str]) -> None:
@@ -248,11 +331,12 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
                for n in sorted(output_embedding_names(model)) if lora]
     if lora:
         lora, defaults = _resolved(lora, chosen)
-        kinds = dict(candidates(model, block_lists))
-        for name in resolve_targets(model, lora, chosen, block_lists, full, lora.targets):
-            targets.append(Target(name, kinds[name][0], pattern_value(name, lora.rank_pattern, lora.r),
-                                  pattern_value(name, lora.alpha_pattern, lora.alpha)))
+        found = candidates(model, block_lists)
+        targets = [_target(model, name, found[name][0], lora)
+                   for name in resolve_targets(model, lora, chosen, block_lists, full, lora.targets)]
+        lora, defaults = _parameter_targets_checked(lora, defaults, targets)
         skipped += [(n, "trained in full") for n in full]
+        skipped += _left_out(found, chosen, block_lists, lora, targets, set(full) | output_embedding_names(model))
         _check_full_names(model, full, [t.name for t in targets])
         other = [t for t in targets if t.kind not in ("Linear", "Conv1D")]
         if lora.init in REWRITES_BASE and other:
@@ -272,6 +356,9 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
         quant_skips = _quant_skips(model, quant, full)
         quantized = _quantized(model, sorted(quant_skips))
         skipped += sorted(quant_skips.items())
+        skipped += [(f"{n}.{p}", "fused expert tensor: bitsandbytes quantizes Linear layers only, so it stays in "
+                                 "full precision (counted so by report and simulate)")
+                    for n, m in model.named_modules() for p, kind in parameter_targets(m) if kind == "Experts"]
         quantized_weights = {f"{n}.weight" for n in quantized}
         trainable = {n: t and n not in quantized_weights for n, t in trainable.items()}
     output = output_embedding_names(model)

@@ -109,6 +109,10 @@ class Lora:
     layers: str | list[int] | None = _help('which blocks get adapters: "0-3,7", "last:4"; default: all', default=None)
     rank_pattern: dict[str, int] = _help("per-module rank, peft's rank_pattern (regex or suffix -> r)",
                                          default_factory=dict)
+    expert_rank: int | str | None = _help(
+        'rank of each expert\'s adapter on fused MoE expert tensors: a number, or "split" for r // num_experts '
+        "(the tensor's adapters then hold about as many parameters as one rank-r adapter); default: r",
+        default=None)
     alpha_pattern: dict[str, float] = _help("per-module alpha, peft's alpha_pattern", default_factory=dict)
     use_rslora: bool = _help("rank-stabilised scaling alpha/sqrt(r) (peft use_rslora)", default=False)
     use_dora: bool = _help("weight-decomposed LoRA (peft use_dora)", default=False)
@@ -131,6 +135,10 @@ class Lora:
             raise SpecError(f"Lora.dropout must be in [0, 1), got {self.dropout!r}", hint="0.05 or 0.1 are usual")
         if self.bias not in ("none", "all", "lora_only"):
             raise SpecError(f'Lora.bias must be "none", "all" or "lora_only", got {self.bias!r}')
+        if self.expert_rank is not None and self.expert_rank != "split" and (
+                isinstance(self.expert_rank, bool) or not isinstance(self.expert_rank, int) or self.expert_rank <= 0):
+            raise SpecError(f'Lora.expert_rank must be a positive integer or "split", got {self.expert_rank!r}',
+                            hint='"split" gives each of E experts rank r // E')
         for name, value in self.rank_pattern.items():
             if not isinstance(value, int) or value <= 0:
                 raise SpecError(f"Lora.rank_pattern[{name!r}] must be a positive integer, got {value!r}")

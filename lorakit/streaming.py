@@ -42,6 +42,66 @@ def _delta(parts: dict, base_shape: tuple, fan_in_fan_out: bool, scale: float) -
     return delta.T if fan_in_fan_out else delta
 
 
+def _expert_delta(parts: dict, experts: int, expert: int | None, scale: float, transposed: bool) -> Any:
+    """peft's ParamWrapper update of an expert tensor, in fp32: one (A, B) pair per expert, stacked, A being
+    (rank·E, in) and B (out, rank·E). For one expert (out, in), else all (E, out, in); (E, in, out) when the
+    tensor is stored transposed."""
+    a, b = parts["lora_A"].float(), parts["lora_B"].float()
+    a = a.reshape(experts, -1, a.shape[-1])                  # (E, rank, in)
+    b = b.reshape(b.shape[0], -1, experts).permute(2, 0, 1)  # (E, out, rank)
+    if expert is not None:
+        a, b = a[expert], b[expert]
+    delta = (b @ a) * scale
+    return delta.transpose(-1, -2) if transposed else delta
+
+
+class CheckpointNames:
+    """How transformers maps a checkpoint's tensor names onto the task model (`meta`): its own renamings
+    and the base-model prefix, and, for MoE checkpoints that store every expert as its own Linear weight
+    (the Hub's format, and what transformers 5 writes), the converters that stack them into the model's
+    fused expert tensors. `piece(key)` says which slice of which fused tensor a per-expert weight is."""
+
+    def __init__(self, meta: Any) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        transforms = get_model_conversion_mapping(meta)
+        self.renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        self.converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        self.expected = dict.fromkeys(meta.state_dict(), True)
+        self.prefix = getattr(meta, "base_model_prefix", "")
+
+    def map(self, key: str) -> tuple[str | None, tuple[int, int, int] | str | None]:
+        """(task-model name or None, piece): piece is (expert, part, parts) for a per-expert weight that is
+        rows part/parts of expert `expert` in the fused tensor, "unsupported" for one that other operations
+        (e.g. a transpose) build, None for a tensor stored as the model holds it."""
+        import re
+
+        from transformers.core_model_loading import rename_source_key
+
+        name, pattern = rename_source_key(key, self.renamings, self.converters, self.prefix or None,
+                                          self.expected if self.prefix else None)
+        if name not in self.expected:
+            return None, None
+        if pattern is None:
+            return name, None
+        converter = next(c for c in self.converters if pattern in c.source_patterns)
+        steps = [(type(op).__name__, getattr(op, "dim", None)) for op in getattr(converter, "operations", [])]
+        match = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+        if steps not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]) or not match:
+            return name, "unsupported"
+        return name, (int(match.group(1)), converter.source_patterns.index(pattern), len(converter.source_patterns))
+
+    def out_key(self, key: str, name: str) -> str:
+        """A per-expert weight is written back under its checkpoint name (with the task model's prefix)."""
+        prefix = self.prefix + "."
+        if self.prefix and name.startswith(prefix) and not key.startswith(prefix):
+            return prefix + key
+        if self.prefix and key.startswith(prefix) and not name.startswith(prefix):
+            return key[len(prefix):]
+        return key
+
+
 def _shard_files(folder: Path) -> list[str]:
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -55,14 +115,17 @@ def names_line_up(base_dir: Path, meta: Any, adapter: dict) -> bool:
     from safetensors import safe_open
 
     expected = {n for n, _ in meta.named_parameters()}
-    prefix = getattr(meta, "base_model_prefix", "")
+    names = CheckpointNames(meta)
     mapped = set()
     for shard in _shard_files(base_dir):
         try:
             with safe_open(str(base_dir / shard), "pt") as handle:
-                mapped |= {_task_key(k, expected, prefix) for k in handle.keys()}
+                found = [names.map(k) for k in handle.keys()]
         except Exception:  # noqa: BLE001 - reported as corrupt by the streaming pass
             return True
+        if any(piece == "unsupported" for _, piece in found):
+            return False
+        mapped |= {name for name, _ in found}
     return not (expected - mapped - set(adapter["full"]))
 
 
@@ -77,10 +140,13 @@ def merge_streamed(base_dir: Path, adapter: dict, staging: Path, meta: Any, task
     from safetensors import safe_open
 
 
-    expected = set(meta.state_dict().keys())
-    prefix = getattr(meta, "base_model_prefix", "")
+    names = CheckpointNames(meta)
     lora, full = adapter["lora"], dict(adapter["full"])
-    pending = {f"{module}.weight": module for module in lora}
+    tensors = parameter_targets(adapter, meta)  # expert tensor -> the name its adapter is saved under
+    pending = {f"{module}.weight": module for module in lora if module not in tensors.values()}
+    pending.update(tensors)
+    layouts = {t["name"]: t for t in adapter["plan"].get("targets", ()) if t.get("parameter")}
+    pieces: dict[str, set] = {name: set() for name in tensors}  # (expert, part) merged so far
     fan_in_fan_out = bool(adapter["config"].get("fan_in_fan_out"))
     quantized = _quantized_weights(adapter) if into == "dequantized" else set()
     target_dtype = torch_dtype(dtype)
@@ -95,20 +161,47 @@ def merge_streamed(base_dir: Path, adapter: dict, staging: Path, meta: Any, task
             raise LorakitError(f"{base_dir / shard} is corrupt or truncated ({exc})",
                                hint="re-download the base model") from None
         for key in keys:
-            name = _task_key(key, expected, prefix)
+            name, piece = names.map(key)
             if name is None:
                 continue  # transformers would drop it too (e.g. a pooler the task model lacks)
             with safe_open(path, "pt") as handle:
                 tensor = handle.get_tensor(key)
             out_dtype = out_dtype or (tensor.dtype if tensor.is_floating_point() else None)
+            if isinstance(piece, tuple):  # one expert's share of a fused tensor, stored as a Linear weight
+                if name in tensors:
+                    expert, part, parts = piece
+                    module = tensors[name]
+                    experts = meta.get_parameter(name).shape[0]
+                    rank = lora[module]["lora_A"].shape[0] // experts
+                    delta = _expert_delta(lora[module], experts, expert, _scale(adapter["config"], name, rank),
+                                          False)
+                    rows = tensor.shape[0]
+                    if delta.shape != (rows * parts, tensor.shape[1]):
+                        raise LorakitError(f"adapter of {name} has shape {tuple(delta.shape)} per expert but the "
+                                           f"base's experts are {(rows * parts, tensor.shape[1])}",
+                                           hint="this adapter was trained on another base")
+                    tensor = (tensor.float() + delta[part * rows:(part + 1) * rows]).to(tensor.dtype)
+                    pieces[name].add((expert, part))
+                    if len(pieces[name]) == experts * parts:
+                        pending.pop(name)
+                        merged.append(name)
+                writer.add(names.out_key(key, name), _checked(key, tensor, target_dtype))
+                continue
             if name in pending:
                 module = pending.pop(name)
-                rank = lora[module].get("lora_A", lora[module].get("lora_embedding_A")).shape[0]
                 weight = tensor.float()
                 if name in quantized:
                     weight = _dequantized(weight, adapter)
-                delta = _delta(lora[module], tuple(weight.shape), fan_in_fan_out,
-                               _scale(adapter["config"], module, rank))
+                if name in tensors:  # a fused expert tensor, or a router's weight
+                    experts = weight.shape[0] if weight.dim() == 3 else 1
+                    rank = lora[module]["lora_A"].shape[0] // experts
+                    delta = _expert_delta(lora[module], experts, None, _scale(adapter["config"], name, rank),
+                                          bool(layouts[name].get("transposed")))
+                    delta = delta if weight.dim() == 3 else delta[0]
+                else:
+                    rank = lora[module].get("lora_A", lora[module].get("lora_embedding_A")).shape[0]
+                    delta = _delta(lora[module], tuple(weight.shape), fan_in_fan_out,
+                                   _scale(adapter["config"], module, rank))
                 if delta.shape != weight.shape:
                     raise LorakitError(f"adapter layer {module} has shape {tuple(delta.shape)} but the base's "
                                        f"is {tuple(weight.shape)}", hint="this adapter was trained on another base")
@@ -132,6 +225,20 @@ def merge_streamed(base_dir: Path, adapter: dict, staging: Path, meta: Any, task
         del config.quantization_config
     config.save_pretrained(str(staging))
     return {"dtype": str(final_dtype).removeprefix("torch."), "merged_layers": len(merged)}
+
+
+def parameter_targets(adapter: dict, meta: Any) -> dict[str, str]:
+    """Parameter tensor -> the module name its LoRA weights are saved under. peft adapts the tensors of one
+    module (an MoE layer's experts) by nesting one ParamWrapper per tensor, in the module's parameter order:
+    the last tensor's adapter is the outermost (`experts.lora_A`), each earlier one a `.base_layer` deeper."""
+    names = [t["name"] for t in adapter["plan"].get("targets", ()) if t.get("parameter")]
+    keys = {}
+    for owner in dict.fromkeys(n.rpartition(".")[0] for n in names):
+        order = [f"{owner}.{p}" for p, _ in meta.get_submodule(owner).named_parameters(recurse=False)
+                 if f"{owner}.{p}" in names]
+        for depth, name in enumerate(reversed(order)):
+            keys[name] = owner + ".base_layer" * depth
+    return keys
 
 
 def check_finite(name: str, tensor: Any) -> None:
@@ -185,16 +292,6 @@ class _ShardWriter:
         if count > 1:
             write_json_atomic(self.folder / "model.safetensors.index.json",
                               {"metadata": {"total_size": self.total}, "weight_map": weight_map})
-
-
-def _task_key(key: str, expected: set[str], prefix: str) -> str | None:
-    if key in expected:
-        return key
-    if prefix and f"{prefix}.{key}" in expected:
-        return f"{prefix}.{key}"
-    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1:] in expected:
-        return key[len(prefix) + 1:]
-    return None
 
 
 def _quantized_weights(adapter: dict) -> set[str]:

@@ -11,7 +11,7 @@ import re
 from typing import Any
 
 from .errors import SpecError, TargetError, closest
-from .names import adaptable_kind, output_embedding_names, suffix_match, under
+from .names import adaptable_kind, is_router, output_embedding_names, parameter_targets, suffix_match, under
 from .specs import Lora, resolve_blocks
 from .zoo import Preset, block_of
 
@@ -22,15 +22,26 @@ def did_you_mean(wanted: str, names: Any) -> str:
     return f"did you mean {', '.join(near)}?" if near else "see lorakit.targets(model) for the names that exist"
 
 
+# Kinds peft adapts through `target_parameters` (its ParamWrapper): the name of such a target is a parameter's.
+PARAMETER_KINDS = ("Experts", "Router")
+# Groups every model has: what they select is a kind, not a name.
+KIND_GROUPS = {"experts": "Experts", "router": "Router"}
+
+
 def candidates(model: Any, block_lists: list[str]) -> dict[str, tuple[str, str]]:
-    """LoRA-able modules: full name -> (kind, suffix), suffix being the block-relative name inside blocks."""
+    """What LoRA can adapt: full name -> (kind, suffix), suffix being the block-relative name inside blocks.
+    Modules (Linear, Conv1D, Conv2d, Embedding; a router that is a Linear layer is kind "Router") and, by
+    their parameter's name, fused expert tensors ("Experts") and routers that are not Linear layers."""
     found = {}
     for name, module in model.named_modules():
-        kind = adaptable_kind(module)
-        if kind is None or ".base_layer" in name or "lora_" in name:
+        if ".base_layer" in name or "lora_" in name:
             continue
-        where = block_of(name, block_lists)
-        found[name] = (kind, where[2] if where else name)
+        kind = adaptable_kind(module)
+        entries = [(name, "Router" if kind == "Linear" and is_router(module) else kind)] if kind else []
+        entries += [(f"{name}.{param}" if name else param, k) for param, k in parameter_targets(module)]
+        for full, k in entries:
+            where = block_of(full, block_lists)
+            found[full] = (k, where[2] if where else full)
     return found
 
 
@@ -39,19 +50,29 @@ def resolve_targets(model: Any, lora: Lora, preset: Preset, block_lists: list[st
     """The full names of the modules `wanted` (a target, a group, "all-linear" or a list) selects."""
     found = candidates(model, block_lists)
     output = output_embedding_names(model)
-    excluded = set(full) | output
+    refused = {n for n in found if any(suffix_match(n, u) for u in preset.unsupported)}
+    excluded = set(full) | output | refused
     chosen: set[str] = set()
     for entry in [wanted] if isinstance(wanted, str) else wanted:
+        if any(suffix_match(n, entry) for n in refused):
+            raise TargetError(f"target {entry!r}: peft cannot put LoRA on it in a {preset.name} model",
+                              hint=f"leave out {', '.join(preset.unsupported)}; all-linear does")
         if entry == "all-linear":
-            linear = {n for n, (k, _) in found.items() if k in ("Linear", "Conv1D") and not under(n, excluded)}
-            hits = {n for n in linear if block_of(n, block_lists)} or linear
-        elif entry in preset.groups:
-            hits = {n for n, (_, rel) in found.items() if block_of(n, block_lists) and preset.group_matches(entry, rel)}
+            hits = all_linear(found, block_lists, excluded)
+        elif entry in preset.groups:  # routers only when named
+            hits = {n for n, (k, rel) in found.items() if k != "Router" and preset.group_matches(
+                entry, rel if block_of(n, block_lists) else None, n)}
+        elif entry in KIND_GROUPS:
+            hits = {n for n, (k, _) in found.items() if k == KIND_GROUPS[entry]}
+            if not hits:
+                raise TargetError(f"target group {entry!r}: this model has no {KIND_GROUPS[entry].lower()} tensors",
+                                  hint="it is not a mixture-of-experts model; use \"all-linear\" or module names")
         elif entry in ("attention", "mlp", "conv"):
             raise TargetError(f'target group "{entry}" is not defined for this model (preset: {preset.name})',
                               hint='use "all-linear" or module names; lorakit.targets(model) lists them')
-        else:
-            hits = {n for n, (_, rel) in found.items() if suffix_match(n, entry) or fnmatch.fnmatchcase(rel, entry)}
+        else:  # a parameter target also answers to its module's name ("experts", "mlp.gate")
+            hits = {n for n, (k, rel) in found.items() if suffix_match(n, entry) or fnmatch.fnmatchcase(rel, entry)
+                    or (k in PARAMETER_KINDS and suffix_match(n.rpartition(".")[0], entry))}
             if not hits:
                 suffixes = sorted({rel for _, rel in found.values()})
                 near = closest(entry, suffixes)
@@ -69,6 +90,13 @@ def resolve_targets(model: Any, lora: Lora, preset: Preset, block_lists: list[st
         raise TargetError("this LoRA spec selects no module",
                           hint="widen Lora.targets or Lora.layers; lorakit.targets(model) lists the candidates")
     return sorted(chosen)
+
+
+def all_linear(found: dict[str, tuple[str, str]], block_lists: list[str], excluded: set[str]) -> set[str]:
+    """"all-linear": the Linear (and Conv1D) layers and the fused expert tensors of the repeated blocks (of the
+    whole model if it has no blocks). Routers, and Linear layers outside the blocks, only when named."""
+    linear = {n for n, (k, _) in found.items() if k in ("Linear", "Conv1D", "Experts") and not under(n, excluded)}
+    return {n for n in linear if block_of(n, block_lists)} or linear
 
 
 def in_blocks(model: Any, names: set[str], selection: list, block_lists: list[str], knob: str) -> set[str]:

@@ -65,7 +65,7 @@ def training_args(output_dir: str, **overrides: Any) -> TrainingArguments:
 
 
 # Tasks whose transformers losses divide by num_items_in_batch (token-level averaging across devices).
-_TOKEN_AVERAGED_TASKS = ("causal-lm", "seq2seq", "masked-lm")
+_TOKEN_AVERAGED_TASKS = ("causal-lm", "seq2seq", "masked-lm", "image-text-to-text")  # not Whisper: a plain mean
 _GRADIENT_HINT = (
     "gradients do not reach the adapters",
     "with gradient checkpointing (above all on a k-bit model) use gradient_checkpointing_kwargs="

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import AlreadyWrappedError, SpecError
+from .accounting import planned_records
+from .errors import AlreadyWrappedError, LorakitError, SpecError
 from .names import peft_role
 from .plan import Plan, make_plan
 from .targeting import candidates
@@ -29,7 +30,10 @@ from .specs import REWRITES_BASE, Lora
 from .state import State, fingerprint, is_wrapped, source_of
 from .zoo import find_block_lists, preset_for
 
-_PEFT_TASKS = {"causal-lm": "CAUSAL_LM", "seq-cls": "SEQ_CLS", "seq2seq": "SEQ_2_SEQ_LM", "token-cls": "TOKEN_CLS"}
+# peft's task wrappers name the text inputs (input_ids, ...) in their forward; a model that takes pixels, audio
+# features or waveforms gets peft's plain PeftModel (no task type), which passes every input through.
+_PEFT_TASKS = {"causal-lm": "CAUSAL_LM", "image-text-to-text": "CAUSAL_LM", "seq-cls": "SEQ_CLS",
+               "seq2seq": "SEQ_2_SEQ_LM", "token-cls": "TOKEN_CLS"}
 
 
 @dataclass
@@ -40,6 +44,7 @@ class Targets:
     selected: list[str] = field(default_factory=list)
     trained_in_full: list[str] = field(default_factory=list)
     preset: str = "default"
+    left_out: list[tuple[str, str]] = field(default_factory=list)  # (candidate, why the spec leaves it alone)
 
     def __str__(self) -> str:
         lines = [f"preset: {self.preset}"]
@@ -49,8 +54,14 @@ class Targets:
                 hit = sum(n in set(self.selected) for n in names)
                 mark = f"  <- LoRA on {hit}" if hit else ""
                 lines.append(f"  {suffix:40s} x{len(names)}{mark}")
-        lines.append(f"LoRA would touch {len(self.selected)} modules; trained in full: "
+        lines.append(f"LoRA would touch {len(self.selected)} modules or tensors; trained in full: "
                      f"{', '.join(self.trained_in_full) or 'none'}")
+        by_reason: dict[str, list[str]] = {}
+        for name, why in self.left_out:
+            by_reason.setdefault(why, []).append(name)
+        for why, names in by_reason.items():
+            shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+            lines.append(f"left out: {shown}: {why}")
         return "\n".join(lines)
 
 
@@ -60,8 +71,9 @@ def targets(model: Any, lora: Lora | dict | None = None, *, preset: str | None =
     grouped: dict[str, dict[str, list[str]]] = {}
     for name, (kind, suffix) in candidates(model, find_block_lists(model, preset_for(model, preset))).items():
         grouped.setdefault(kind, {}).setdefault(suffix, []).append(name)
+    candidate_names = set(candidates(model, plan.block_lists))
     return Targets(candidates=grouped, selected=plan.target_names, trained_in_full=list(plan.trained_in_full),
-                   preset=plan.preset)
+                   preset=plan.preset, left_out=[(n, why) for n, why in plan.skipped if n in candidate_names])
 
 
 def lora_config(plan: Plan) -> Any:
@@ -73,7 +85,8 @@ def lora_config(plan: Plan) -> Any:
     alpha = lora.alpha
     exact = {t.name: t for t in plan.targets}
     return LoraConfig(
-        r=lora.r, lora_alpha=alpha, lora_dropout=lora.dropout, target_modules=plan.target_names,
+        r=lora.r, lora_alpha=alpha, lora_dropout=lora.dropout, target_modules=plan.target_modules,
+        target_parameters=plan.target_parameters or None,
         modules_to_save=list(plan.trained_in_full) or None,
         rank_pattern={re.escape(n): t.r for n, t in exact.items() if t.r != lora.r},
         alpha_pattern={re.escape(n): t.alpha for n, t in exact.items() if t.alpha != alpha},
@@ -85,11 +98,27 @@ def lora_config(plan: Plan) -> Any:
 
 @contextlib.contextmanager
 def quiet_peft() -> Iterator[None]:
-    """peft's PeftModel reads transformers' deprecated `is_gradient_checkpointing`, which warns on every
-    wrap; lorakit silences exactly that warning around its own peft calls."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        yield
+    """lorakit's own peft calls, applying a config exactly as written.
+
+    * peft's PeftModel reads transformers' deprecated `is_gradient_checkpointing`, which warns on every wrap;
+      that one warning is silenced.
+    * peft rewrites the config of some MoE families (DeepSeek-V2/V3, Qwen3-MoE, Mixtral, OLMoE, ...) from
+      transformers-v4 module names to v5 ones, so that adapters trained under v4 still load: any target named
+      gate_proj, up_proj, down_proj or gate (w1, w2, w3 on Mixtral) becomes an expert parameter. lorakit's
+      configs name the v5 model's own modules and parameters already, and that rewrite would move the adapters
+      of DeepSeek's dense and shared-expert Linear layers onto the experts (and the router). It is switched
+      off for the duration."""
+    from peft.utils import transformers_weight_conversion as conversion
+
+    rewrite = conversion.convert_peft_config_for_transformers
+    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
+                                    category=FutureWarning)
+            yield
+    finally:
+        conversion.convert_peft_config_for_transformers = rewrite
 
 
 def check_trainable(plan: Plan) -> None:
@@ -123,6 +152,7 @@ def execute(model: Any, plan: Plan) -> Any:
     """Carry out a plan made for this model (`make_plan`); returns the model to train."""
     source = source_of(model)
     base_fingerprint = fingerprint(model)  # of the base as loaded, before any change
+    expected = planned_trainable(model, plan) if plan.lora is not None else 0  # from shapes, before quantizing
     loftq: dict = {}
     if plan.quant is not None:
         model, loftq = quantize(model, plan)
@@ -132,8 +162,13 @@ def execute(model: Any, plan: Plan) -> Any:
     if plan.lora is not None:
         from peft import get_peft_model
 
-        with quiet_peft():
-            model = get_peft_model(model, lora_config(plan))
+        try:
+            with quiet_peft():
+                model = get_peft_model(model, lora_config(plan))
+        except (ValueError, TypeError, RuntimeError, KeyError, NotImplementedError) as exc:
+            raise SpecError(f"peft could not apply this LoRA spec to {type(model).__name__}: {exc}",
+                            hint="leave the module it names out of Lora.targets (lorakit.targets(model) lists "
+                                 "the candidates)") from None
         for name, (lora_a, lora_b) in loftq.items():
             layer = model.base_model.model.get_submodule(name)
             layer.lora_A["default"].weight.data.copy_(lora_a)
@@ -143,10 +178,44 @@ def execute(model: Any, plan: Plan) -> Any:
         for config in model.peft_config.values():
             config.modules_to_save = list(plan.trained_in_full) or None
         _restore_full_training(model, trainable)
+        check_applied(model, plan, expected)
     rewrites = plan.lora is not None and plan.lora.init in REWRITES_BASE
     initial = _keep_initial_adapter(model) if rewrites else None
     model.lorakit_state = State(plan=plan, source=source, fingerprint=base_fingerprint, initial_adapter=initial)
     return model
+
+
+def adapted(peft_model: Any) -> set[str]:
+    """What peft put LoRA on, in base-model names: modules, and `module.parameter` for its ParamWrappers."""
+    from peft.tuners.lora import LoraLayer
+
+    found = set()
+    for name, module in peft_model.named_modules():
+        if isinstance(module, LoraLayer):
+            base = peft_role(name + ".lora_A")[1]
+            found.add(f"{base}.{module.parameter_name}" if hasattr(module, "parameter_name") else base)
+    return found
+
+
+def planned_trainable(model: Any, plan: Plan) -> int:
+    """The number of trainable parameters the Plan promises (counted from layer shapes, before peft)."""
+    return sum(r.numel for r in planned_records(model, plan) if r.trainable)
+
+
+def check_applied(peft_model: Any, plan: Plan, expected: int) -> None:
+    """The Plan is the contract: what peft adapted and what trains must be exactly what it says."""
+    applied, planned = adapted(peft_model), set(plan.target_names)
+    if applied != planned:
+        extra, missing = sorted(applied - planned), sorted(planned - applied)
+        raise LorakitError("peft did not apply the Plan: " + "; ".join(
+            part for part in (f"it adapted {len(extra)} tensors the Plan leaves alone, e.g. {extra[0]}" if extra else "",
+                              f"it left out {len(missing)} the Plan targets, e.g. {missing[0]}" if missing else "")
+            if part), hint="this is a lorakit bug for this architecture; please report it with the model's config")
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    if trainable != expected:
+        raise LorakitError(f"the wrapped model trains {trainable:,} parameters, the Plan says {expected:,}",
+                           hint="this is a lorakit bug for this architecture; please report it with the model's "
+                                "config")
 
 
 def _keep_initial_adapter(peft_model: Any) -> str:

@@ -28,7 +28,7 @@ def zoo_dir() -> Path:
 
 
 # The preset schema: every key a preset file may hold, with its type. An unknown key is an error.
-_LISTS = ("model_types", "blocks", "embeddings", "heads", "train_fully")
+_LISTS = ("model_types", "blocks", "embeddings", "heads", "train_fully", "unsupported")
 _RECOMMENDED = {"r": int, "alpha": (int, float), "dropout": (int, float), "learning_rate": (int, float),
                 "targets": (str, list)}
 
@@ -43,9 +43,14 @@ class Preset:
     train_fully: tuple[str, ...]
     groups: dict[str, tuple[str, ...]]
     recommended: dict[str, Any]
+    unsupported: tuple[str, ...] = ()     # module suffixes peft refuses to adapt in this family
+    left_out: dict[str, str] | None = None  # group -> why the default targets leave it out
 
-    def group_matches(self, group: str, relative_name: str) -> bool:
-        return any(fnmatch.fnmatchcase(relative_name, pattern) for pattern in self.groups[group])
+    def group_matches(self, group: str, relative_name: str | None, full_name: str) -> bool:
+        """A group's globs match a block-relative name ("self_attn.q_proj"), or a full name
+        ("*vision_tower.*"): the latter is how a group names a part of the model outside the blocks."""
+        return any((relative_name is not None and fnmatch.fnmatchcase(relative_name, pattern))
+                   or fnmatch.fnmatchcase(full_name, pattern) for pattern in self.groups[group])
 
 
 def _schema_error(path: Path, what: str) -> SpecError:
@@ -64,8 +69,8 @@ def read_preset(path: Path) -> Preset:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise _schema_error(path, f"not valid TOML ({exc})") from None
-    for key in set(data) - {*_LISTS, "groups", "recommended"}:
-        near = closest(key, [*_LISTS, "groups", "recommended"])
+    for key in set(data) - {*_LISTS, "groups", "recommended", "left_out"}:
+        near = closest(key, [*_LISTS, "groups", "recommended", "left_out"])
         raise _schema_error(path, f"unknown key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
     groups = data.get("groups", {})
     if not isinstance(groups, dict):
@@ -76,8 +81,13 @@ def read_preset(path: Path) -> Preset:
             raise _schema_error(path, f"unknown key {key!r} in [recommended]; known: {', '.join(_RECOMMENDED)}")
         if isinstance(value, bool) or not isinstance(value, _RECOMMENDED[key]):
             raise _schema_error(path, f"[recommended] {key} has the wrong type: {value!r}")
+    left_out = dict(data.get("left_out", {}))
+    for key, value in left_out.items():
+        if key not in groups or not isinstance(value, str):
+            raise _schema_error(path, f"[left_out] {key} must name a group of [groups] and say why, got {value!r}")
     return Preset(name=path.stem, **{k: _strings(path, k, data.get(k, [])) for k in _LISTS},
-                  groups={k: _strings(path, f"groups.{k}", v) for k, v in groups.items()}, recommended=recommended)
+                  groups={k: _strings(path, f"groups.{k}", v) for k, v in groups.items()}, recommended=recommended,
+                  left_out=left_out)
 
 
 @functools.cache
