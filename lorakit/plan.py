@@ -154,7 +154,7 @@ def _trainable(model: Any, freeze: Freeze | None, preset: Preset, lora: Lora | N
     return trainable
 
 
-def _quant_skips(model: Any, quant: Quant, full: list[str]) -> dict[str, str]:
+def _quant_skips(model: Any, quant: Quant, full: list[str], preset: Preset) -> dict[str, str]:
     """Modules kept in full precision, with the reason: transformers' own skip list (output embeddings,
     tied weights, the last module), `_keep_in_fp32_modules`, what lorakit trains in full, the user's list."""
     from transformers import PreTrainedModel
@@ -165,6 +165,8 @@ def _quant_skips(model: Any, quant: Quant, full: list[str]) -> dict[str, str]:
         skips.update(dict.fromkeys(get_keys_to_not_convert(model), "transformers keeps it unquantized"))
         skips.update(dict.fromkeys(getattr(model, "_keep_in_fp32_modules", None) or [], "kept in fp32 by the model"))
     skips.update(dict.fromkeys(full, "trained in full"))
+    skips.update({n: f"kept unquantized by the {preset.name} preset" for n, _ in model.named_modules()
+                  if n and any(suffix_match(n, k) for k in preset.keep_unquantized)})
     skips.update(dict.fromkeys(quant.skip_modules, "Quant.skip_modules"))
     return skips
 
@@ -270,6 +272,8 @@ def _left_out(found: dict, preset: Preset, block_lists: list[str], lora: Lora, t
             for name, (kind, rel) in found.items():
                 if preset.group_matches(group, rel if block_of(name, block_lists) else None, name):
                     why.setdefault(name, reason)
+    for name in found:
+        why.update({name: reason for suffix, reason in (preset.unsupported or {}).items() if suffix_match(name, suffix)})
     for name, (kind, _) in found.items():
         if kind == "Router":
             why[name] = "MoE router: adapted only when named (Lora.targets=[..., \"router\"])"
@@ -353,7 +357,7 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
         if is_quantized(model):
             raise QuantizationError("this model is already quantized",
                                     hint="drop quant=..., or start from the full-precision model")
-        quant_skips = _quant_skips(model, quant, full)
+        quant_skips = _quant_skips(model, quant, full, chosen)
         quantized = _quantized(model, sorted(quant_skips))
         skipped += sorted(quant_skips.items())
         skipped += [(f"{n}.{p}", "fused expert tensor: bitsandbytes quantizes Linear layers only, so it stays in "

@@ -50,17 +50,19 @@ def resolve_targets(model: Any, lora: Lora, preset: Preset, block_lists: list[st
     """The full names of the modules `wanted` (a target, a group, "all-linear" or a list) selects."""
     found = candidates(model, block_lists)
     output = output_embedding_names(model)
-    refused = {n for n in found if any(suffix_match(n, u) for u in preset.unsupported)}
+    unsupported = preset.unsupported or {}
+    refused = {n for n in found if any(suffix_match(n, u) for u in unsupported)}
     excluded = set(full) | output | refused
     chosen: set[str] = set()
     for entry in [wanted] if isinstance(wanted, str) else wanted:
-        if any(suffix_match(n, entry) for n in refused):
-            raise TargetError(f"target {entry!r}: peft cannot put LoRA on it in a {preset.name} model",
-                              hint=f"leave out {', '.join(preset.unsupported)}; all-linear does")
+        why = next((w for u, w in unsupported.items() if suffix_match(entry, u) or entry == u), None)
+        if why is not None:
+            raise TargetError(f"target {entry!r} cannot take LoRA: {why}",
+                              hint=f"leave out {', '.join(unsupported)}; all-linear does")
         if entry == "all-linear":
             hits = all_linear(found, block_lists, excluded)
-        elif entry in preset.groups:  # routers only when named
-            hits = {n for n, (k, rel) in found.items() if k != "Router" and preset.group_matches(
+        elif entry in preset.groups:  # layers, not embeddings; routers only when named
+            hits = {n for n, (k, rel) in found.items() if k not in ("Router", "Embedding") and preset.group_matches(
                 entry, rel if block_of(n, block_lists) else None, n)}
         elif entry in KIND_GROUPS:
             hits = {n for n, (k, _) in found.items() if k == KIND_GROUPS[entry]}

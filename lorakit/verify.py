@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .batches import sample_batch
 from .errors import LorakitError, ModelNotFoundError
 from .load import auto_class, load, task_from_config
 from .specs import Quant
@@ -69,19 +70,8 @@ def peft_model(base: Any, loaded: list[dict], task_config: Any, weights: list[fl
 
 
 def sample_inputs(config: Any) -> dict:
-    """A fixed batch: tokens for text models, pixels for vision models."""
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    if hasattr(config, "num_channels") and not hasattr(config, "vocab_size"):
-        size = getattr(config, "image_size", 64)
-        size = size if isinstance(size, int) else size[0]
-        return {"pixel_values": torch.randn(2, config.num_channels, size, size, generator=g)}
-    vocab = min(getattr(config, "vocab_size", 1000), 1000)
-    inputs = {"input_ids": torch.randint(3, vocab, (2, 16), generator=g)}
-    if getattr(config, "is_encoder_decoder", False):
-        inputs["decoder_input_ids"] = torch.randint(3, vocab, (2, 8), generator=g)
-    return inputs
+    """A fixed batch of inputs for the merged model's task (see `lorakit.batches`)."""
+    return sample_batch(config, task_from_config(config), seq_len=16, labels=False)
 
 
 def _logits(model: Any, inputs: dict) -> Any:

@@ -28,7 +28,8 @@ def zoo_dir() -> Path:
 
 
 # The preset schema: every key a preset file may hold, with its type. An unknown key is an error.
-_LISTS = ("model_types", "blocks", "embeddings", "heads", "train_fully", "unsupported")
+_LISTS = ("model_types", "blocks", "embeddings", "heads", "train_fully", "keep_unquantized")
+_TABLES = ("groups", "recommended", "left_out", "unsupported")
 _RECOMMENDED = {"r": int, "alpha": (int, float), "dropout": (int, float), "learning_rate": (int, float),
                 "targets": (str, list)}
 
@@ -43,7 +44,8 @@ class Preset:
     train_fully: tuple[str, ...]
     groups: dict[str, tuple[str, ...]]
     recommended: dict[str, Any]
-    unsupported: tuple[str, ...] = ()     # module suffixes peft refuses to adapt in this family
+    unsupported: dict[str, str] | None = None  # module suffix -> why LoRA cannot go on it in this family
+    keep_unquantized: tuple[str, ...] = ()  # module suffixes 4-bit/8-bit layers cannot stand in for
     left_out: dict[str, str] | None = None  # group -> why the default targets leave it out
 
     def group_matches(self, group: str, relative_name: str | None, full_name: str) -> bool:
@@ -69,8 +71,8 @@ def read_preset(path: Path) -> Preset:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise _schema_error(path, f"not valid TOML ({exc})") from None
-    for key in set(data) - {*_LISTS, "groups", "recommended", "left_out"}:
-        near = closest(key, [*_LISTS, "groups", "recommended", "left_out"])
+    for key in set(data) - {*_LISTS, *_TABLES}:
+        near = closest(key, [*_LISTS, *_TABLES])
         raise _schema_error(path, f"unknown key {key!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
     groups = data.get("groups", {})
     if not isinstance(groups, dict):
@@ -81,13 +83,16 @@ def read_preset(path: Path) -> Preset:
             raise _schema_error(path, f"unknown key {key!r} in [recommended]; known: {', '.join(_RECOMMENDED)}")
         if isinstance(value, bool) or not isinstance(value, _RECOMMENDED[key]):
             raise _schema_error(path, f"[recommended] {key} has the wrong type: {value!r}")
-    left_out = dict(data.get("left_out", {}))
+    left_out, unsupported = dict(data.get("left_out", {})), dict(data.get("unsupported", {}))
     for key, value in left_out.items():
         if key not in groups or not isinstance(value, str):
             raise _schema_error(path, f"[left_out] {key} must name a group of [groups] and say why, got {value!r}")
+    for key, value in unsupported.items():
+        if not isinstance(value, str):
+            raise _schema_error(path, f"[unsupported] {key} must say why LoRA cannot go there, got {value!r}")
     return Preset(name=path.stem, **{k: _strings(path, k, data.get(k, [])) for k in _LISTS},
                   groups={k: _strings(path, f"groups.{k}", v) for k, v in groups.items()}, recommended=recommended,
-                  left_out=left_out)
+                  left_out=left_out, unsupported=unsupported)
 
 
 @functools.cache
@@ -105,11 +110,25 @@ def preset_for(model: Any = None, name: str | None = None) -> Preset:
             raise SpecError(f"unknown preset {name!r}",
                             hint=f"presets are: {', '.join(table)}" + (f"; did you mean {near[0]!r}?" if near else ""))
         return table[name]
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    for preset in table.values():
-        if model_type in preset.model_types:
-            return preset
-    return table["default"]
+    return preset_for_type(getattr(getattr(model, "config", None), "model_type", None))
+
+
+def preset_for_type(model_type: str | None) -> Preset:
+    """The preset covering a `config.model_type`, else `default`."""
+    table = presets()
+    return next((p for p in table.values() if model_type in p.model_types), table["default"])
+
+
+@functools.cache
+def architectures() -> tuple[dict, ...]:
+    """The architecture hub, adapters_zoo/architectures.toml: one row per family lorakit supports (name,
+    model_type, task, group, config, and `limits`: check -> why the family does not support it)."""
+    rows = tomllib.loads((zoo_dir() / "architectures.toml").read_text())["family"]
+    for row in rows:
+        missing = {"name", "model_type", "task", "group", "config"} - set(row)
+        if missing:
+            raise SpecError(f"architectures.toml: row {row.get('name', '?')} lacks {', '.join(sorted(missing))}")
+    return tuple(rows)
 
 
 def _matches_suffix(name: str, suffix: str) -> bool:

@@ -186,3 +186,41 @@ def smollm2():
         return lorakit.load(folder).eval()
 
     return SimpleNamespace(folder=folder, tokenizer=tokenizer, model=model)
+
+
+# ---- the architecture hub: adapters_zoo/architectures.toml -------------------
+
+def _families() -> dict:
+    from lorakit.zoo import architectures
+
+    return {row["name"]: row for row in architectures()}
+
+
+FAMILIES = _families()
+
+
+def family_config(name: str):
+    from transformers import AutoConfig
+
+    row = FAMILIES[name]
+    return AutoConfig.for_model(row["model_type"], **row["config"])
+
+
+def build_family(name: str):
+    """A tiny model of a hub family, seeded, in eval mode (dropout off, so two runs compare)."""
+    from lorakit.load import build_from_config
+
+    torch.manual_seed(0)
+    return build_from_config(family_config(name), FAMILIES[name]["task"]).eval()
+
+
+def family_batch(name: str, labels: bool = True) -> dict:
+    from lorakit.batches import sample_batch
+
+    return sample_batch(family_config(name), FAMILIES[name]["task"], labels=labels)
+
+
+def first_output(out) -> torch.Tensor:
+    """The loss when the model computed one, else its first output (logits, hidden states)."""
+    loss = getattr(out, "loss", None)
+    return loss if loss is not None else (out.logits if hasattr(out, "logits") else out[0]).float().pow(2).mean()

@@ -7,15 +7,20 @@ import fnmatch
 
 import pytest
 import torch
-from conftest import BUILDERS, build
+from conftest import BUILDERS, FAMILIES, build, build_family
 
 from lorakit.errors import SpecError
 from lorakit.names import suffix_match
 from lorakit.zoo import block_of, find_block_lists, presets, read_preset
 
 MODEL_TYPES = {arch: getattr(getattr(build(arch), "config", None), "model_type", None) for arch in BUILDERS}
+MODEL_TYPES.update({f"hub:{name}": row["model_type"] for name, row in FAMILIES.items()})
 COVERED = [(name, arch) for name, preset in presets().items() for arch, model_type in MODEL_TYPES.items()
            if model_type in preset.model_types]
+
+
+def build_any(arch: str):
+    return build_family(arch.removeprefix("hub:")) if arch.startswith("hub:") else build(arch)
 
 
 def test_every_family_in_the_test_models_has_a_preset():
@@ -26,15 +31,23 @@ def test_every_family_in_the_test_models_has_a_preset():
 @pytest.mark.parametrize("preset_name,arch", COVERED)
 def test_preset_names_modules_that_exist(preset_name, arch):
     preset = presets()[preset_name]
-    model = build(arch)
+    model = build_any(arch)
     names = [n for n, _ in model.named_modules() if n]
     stacks = find_block_lists(model, preset)
     assert stacks and all(isinstance(dict(model.named_modules())[s], torch.nn.ModuleList) for s in stacks)
-    for embedding in preset.embeddings:
-        assert any(suffix_match(n, embedding) for n in names), f"{preset_name}: no module {embedding!r} in {arch}"
-    relative = {where[2] for n in names if (where := block_of(n, stacks))}
+    for embedding in preset.embeddings:  # alternatives across the family (embed_tokens / embeddings)
+        assert any(suffix_match(n, e) for n in names for e in preset.embeddings), f"{preset_name}: no embedding"
+    relative = {where[2] for n in names if (where := block_of(n, stacks))} | set(names)  # or full-name globs
     for group, globs in preset.groups.items():  # alternatives for variants (T5's wi / gated wi_0, wi_1)
         assert any(fnmatch.fnmatchcase(r, g) for r in relative for g in globs), f"{preset_name}.{group} matches nothing"
+
+
+@pytest.mark.parametrize("preset_name", sorted({name for name, _ in COVERED}))
+def test_what_a_preset_keeps_unquantized_or_refuses_exists_in_its_family(preset_name):
+    preset = presets()[preset_name]
+    names = {n for name, arch in COVERED if name == preset_name for n, _ in build_any(arch).named_modules()}
+    for part in [*preset.keep_unquantized, *(preset.unsupported or {})]:
+        assert any(suffix_match(n, part) for n in names), f"{preset_name}: no module {part!r} in its family"
 
 
 @pytest.mark.parametrize("text,complaint", [

@@ -16,7 +16,7 @@ PACKAGE = Path(lorakit.__file__).parent
 LAYERS = [
     ["errors"],
     ["files", "specs"],
-    ["names", "zoo", "allocator", "materialise", "stepping", "gguf_source"],
+    ["names", "zoo", "allocator", "materialise", "stepping", "gguf_source", "batches"],
     ["state", "counting"],
     ["targeting"],
     ["plan"],

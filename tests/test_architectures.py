@@ -1,0 +1,156 @@
+"""The architecture hub: every family in adapters_zoo/architectures.toml, built tiny from its real config,
+through the same checks (litgpt tests every config of its hub; transformers' model testers run one suite
+on every architecture). A family is supported when its row passes; docs/architectures.md is generated
+from the same list.
+
+Expectations come from outside lorakit: parameter counts from the tensors' own shapes, peft's documented
+all-linear rule, gradients as autograd computes them, and the logits of the unmerged adapter model.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAMILIES, build_family, family_batch, family_config, first_output, look_trained
+
+import lorakit
+from lorakit.adapter import save_extras
+from lorakit.load import auto_class
+from lorakit.simulate import simulate
+
+NAMES = list(FAMILIES)
+SPEC = dict(r=4)
+
+
+def lora_parameters(model: torch.nn.Module, plan) -> int:
+    """What LoRA adds, from shapes: r·(in + out) per Linear, Conv1D or Embedding weight; r·in·kh·kw + out·r
+    per Conv2d; r·E·(rows + cols) per fused tensor of E experts (peft stacks one A and one B per expert)."""
+    total = 0
+    for target in plan.targets:
+        if target.parameter:
+            shape = model.get_parameter(target.name).shape
+            total += target.r * (shape[0] if len(shape) == 3 else 1) * sum(shape[-2:])
+            continue
+        module = model.get_submodule(target.name)
+        weight = module.weight
+        if isinstance(module, torch.nn.Conv2d):
+            total += target.r * weight[0].numel() + weight.shape[0] * target.r
+        else:
+            total += target.r * sum(weight.shape)
+    return total
+
+
+def expert_tensors(model: torch.nn.Module) -> set[str]:
+    """transformers 5's fused experts: the 3D parameters of its `*Experts` modules."""
+    return {f"{name}.{param}" for name, module in model.named_modules() if type(module).__name__.endswith("Experts")
+            for param, value in module.named_parameters(recurse=False) if value.dim() == 3}
+
+
+def peft_all_linear(model: torch.nn.Module) -> set[str]:
+    """peft's documented all-linear: every Linear or Conv1D module (subclasses included) but the output layer."""
+    from transformers.pytorch_utils import Conv1D
+
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and m is not output}
+
+
+def under(name: str, prefixes) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_wrap_trains_what_the_plan_and_the_report_say(name):
+    base = build_family(name)
+    plan = lorakit.make_plan(base, lora=lorakit.Lora(**SPEC))
+    assert plan.targets and {t.r for t in plan.targets} == {SPEC["r"]}
+    heads = sum(p.numel() for h in plan.trained_in_full for p in base.get_submodule(h).parameters())
+    expected = lora_parameters(base, plan) + heads
+    predicted = lorakit.report(base, lora=lorakit.Lora(**SPEC)).total.trainable_parameters
+    wrapped = lorakit.wrap(build_family(name), lora=lorakit.Lora(**SPEC))
+    trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
+    assert trainable == expected == predicted == lorakit.report(wrapped).total.trainable_parameters
+    adapted = {n.removeprefix("base_model.model.").split(".lora_A")[0].replace(".base_layer", "")
+               for n, _ in wrapped.named_parameters() if ".lora_A." in n}
+    planned = {t.name.rpartition(".")[0] if t.parameter else t.name for t in plan.targets}
+    assert adapted == planned
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_all_linear_is_peft_all_linear_less_what_the_plan_says_it_left_out(name):
+    base = build_family(name)
+    peft_rule = peft_all_linear(base)
+    heads = lorakit.make_plan(base, lora=lorakit.Lora(**SPEC)).trained_in_full
+    if all(under(n, heads) for n in peft_rule):  # convolutions only (ResNet): nothing for all-linear
+        with pytest.raises(lorakit.TargetError):
+            lorakit.make_plan(base, lora=lorakit.Lora(r=4, targets="all-linear"))
+        return
+    plan = lorakit.make_plan(base, lora=lorakit.Lora(r=4, targets="all-linear"))
+    ours = {t.name for t in plan.targets if not t.parameter}
+    left_out = dict(plan.skipped)
+    assert ours <= peft_rule  # never a Linear layer peft's all-linear would not take
+    unexplained = sorted(n for n in peft_rule - ours if n not in left_out and not under(n, plan.trained_in_full))
+    assert unexplained == []  # every difference from peft is listed in plan.skipped, with its reason
+    assert {t.name for t in plan.targets if t.kind == "Experts"} == expert_tensors(base)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_training_step_reaches_exactly_the_trainable_tensors(name):
+    wrapped = lorakit.wrap(build_family(name), lora=lorakit.Lora(**SPEC)).train()
+    first_output(wrapped(**family_batch(name))).backward()
+    trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
+    reached = {n for n, p in wrapped.named_parameters() if p.grad is not None}
+    assert reached == trainable
+    assert all(torch.isfinite(p.grad).all() for p in wrapped.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_merge_gives_plain_transformers_the_adapter_models_logits(name, tmp_path):
+    build_family(name).save_pretrained(tmp_path / "base")
+    model = look_trained(lorakit.wrap(lorakit.load(tmp_path / "base"), lora=lorakit.Lora(**SPEC)), 0.1,
+                         also=lambda n, _: "modules_to_save" in n).eval()
+    model.save_pretrained(tmp_path / "adapter")
+    save_extras(model, tmp_path / "adapter")
+    report = lorakit.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+    merged = auto_class(FAMILIES[name]["task"]).from_pretrained(tmp_path / "merged").eval()
+    inputs = family_batch(name, labels=False)
+    with torch.no_grad():
+        expected, got = (first_logits(m(**inputs)) for m in (model, merged))
+    assert (expected - got).abs().max() <= 1e-4
+    assert (expected - first_logits(build_family(name)(**inputs))).abs().max() > 1e-3  # the adapter did something
+    assert report["verification"]["max_abs_logit_difference"] <= 1e-4
+
+
+def first_logits(out) -> torch.Tensor:
+    return (out.logits if hasattr(out, "logits") else out[0]).float()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_4bit_wrap_trains(name):
+    import bitsandbytes as bnb
+
+    if "quant" in FAMILIES[name].get("limits", {}):
+        with pytest.raises(lorakit.QuantizationError):
+            lorakit.wrap(build_family(name), lora=lorakit.Lora(**SPEC), quant="4bit")
+        return
+    wrapped = lorakit.wrap(build_family(name), lora=lorakit.Lora(**SPEC), quant="4bit").train()
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in wrapped.modules())
+    experts = expert_tensors(wrapped.get_base_model())
+    assert all(wrapped.get_base_model().get_parameter(n).dtype == torch.float32 for n in experts)  # not quantized
+    first_output(wrapped(**family_batch(name))).backward()
+    grads = [p.grad for n, p in wrapped.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# The simulator's own issue (21): these rows fail today, each with a raw exception.
+SIMULATOR_OPEN = {"gemma2", "bloom", "qwen2-moe", "qwen3-moe", "mixtral", "olmoe", "gpt-oss", "deepseek-v2",
+                  "deepseek-v3", "deberta-v2", "deberta", "mpnet", "whisper", "wav2vec2", "convnext", "resnet",
+                  "clip", "mamba", "mamba2"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason="issue 21"))
+                                  if n in SIMULATOR_OPEN else n for n in NAMES])
+def test_the_simulator_runs(name):
+    row = FAMILIES[name]
+    simulation = simulate(family_config(name), lora=lorakit.Lora(**SPEC), task=row["task"],
+                                  batch_size=1, seq_len=8)
+    assert simulation.peak_allocated > 0
