@@ -28,16 +28,23 @@ _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
 def chat_data(source: Any, tokenizer: Any, *, train_on: str = "assistant", max_length: int = 1024,
               pack: bool = False, messages_column: str = "messages", prompt_column: str = "prompt",
-              completion_column: str = "completion", split: str = "train") -> Any:
+              completion_column: str = "completion", images_column: str = "images", split: str = "train") -> Any:
     """Tokenized conversations with `input_ids` and `labels` (-100 outside the trained turns).
 
     Rows longer than max_length are cut at the end; a row whose every trained token was cut is dropped, and
     how many rows were cut or dropped is logged. pack=True packs whole rows as `causal_lm_data` does.
     The result also trains with `trl.SFTTrainer` (it keeps a ready `labels` column as it is).
+
+    With a vision-language model's processor in place of the tokenizer, messages may hold images as TRL
+    writes them (`{"type": "image"}` parts, the images themselves in the `images` column, in order): each
+    row is rendered by the processor's chat template and expanded to the model's image tokens, and keeps
+    its images for `collator(processor, "image-text-to-text")`, which turns them into pixel values.
     """
     if train_on not in TRAIN_ON:
         raise LorakitError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}",
                            hint="'assistant': loss on the answers only; 'all': on every token")
+    if hasattr(tokenizer, "image_processor"):
+        return _vision_chat_data(source, tokenizer, train_on, max_length, messages_column, images_column, split)
     if not getattr(tokenizer, "chat_template", None):
         raise LorakitError("the tokenizer has no chat template, so conversations cannot be rendered",
                            hint="use the instruct model's tokenizer, set tokenizer.chat_template, or train on "
@@ -56,7 +63,9 @@ def chat_data(source: Any, tokenizer: Any, *, train_on: str = "assistant", max_l
         conversations = [_checked(_as_turns(p, "user") + _as_turns(c, "assistant"), i, train_on)
                          for i, (p, c) in enumerate(zip(table[prompt_column], table[completion_column]))]
     ensure_pad_token(tokenizer)
-    rows = [_tokenize(tokenizer, turns, train_on, i) for i, turns in enumerate(conversations)]
+    tokenized = [_tokenize(_text_render(tokenizer), turns, train_on, i, tokenizer.chat_template)
+                 for i, turns in enumerate(conversations)]
+    rows = [(t["input_ids"], t["labels"]) for t in tokenized]
     cut = [i for i, (ids, _) in enumerate(rows) if len(ids) > max_length]
     rows = [(ids[:max_length], labels[:max_length]) for ids, labels in rows]
     kept = [i for i, (_, labels) in enumerate(rows) if any(label != -100 for label in labels)]
@@ -105,6 +114,80 @@ def _checked(turns: Any, row: int, train_on: str) -> list[dict]:
     return checked
 
 
+def _vision_chat_data(source: Any, processor: Any, train_on: str, max_length: int, messages_column: str,
+                      images_column: str, split: str) -> Any:
+    if not getattr(processor, "chat_template", None):
+        raise LorakitError("the processor has no chat template, so conversations with images cannot be rendered",
+                           hint="use the model's own processor, or set processor.chat_template")
+    import datasets
+
+    table = load_table(source, split)
+    check_columns(table, messages_column)
+    if images_column in table.column_names and table.features[images_column] != datasets.List(datasets.Image()):
+        try:  # what datasets' Image feature reads: PIL images, file paths, {"bytes": ..., "path": ...}
+            table = table.cast_column(images_column, datasets.List(datasets.Image()))
+        except Exception as exc:  # noqa: BLE001 - datasets raises several types for values that are not images
+            raise LorakitError(f"the {images_column!r} column does not hold lists of images ({exc})",
+                               hint="give each row a list of PIL images, image file paths or {'bytes': ...} "
+                                    "dicts, in the order of its image parts") from None
+    images = table[images_column] if images_column in table.column_names else [None] * len(table)
+    ensure_pad_token(processor.tokenizer)
+    columns: dict[str, list] = {}
+    kept = cut = 0
+    for i, (messages, row_images) in enumerate(zip(table[messages_column], images)):
+        turns = _checked(messages, i, train_on)
+        row_images = _row_images(turns, row_images, i, images_column)
+        fields = _tokenize(_processor_render(processor, row_images), turns, train_on, i)
+        cut += len(fields["input_ids"]) > max_length
+        if len(fields["input_ids"]) > max_length:  # a cut through image tokens would break the model's count
+            continue
+        kept += 1
+        for key, value in dict(fields, images=row_images).items():
+            columns.setdefault(key, []).append(value)
+    if cut:
+        logger.warning("%d of %d conversations with images were longer than max_length=%d and were dropped "
+                       "(cutting them could split an image's tokens)", cut, len(table), max_length)
+    if not kept:
+        raise LorakitError(f"every conversation is longer than max_length={max_length}", hint="raise max_length")
+    return datasets.Dataset.from_dict(columns)
+
+
+def _row_images(turns: list[dict], images: Any, row: int, column: str) -> list:
+    wanted = _image_parts(turns)
+    found = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+    if len(found) != wanted:
+        raise LorakitError(f"row {row}: its messages have {wanted} image parts but {column!r} holds {len(found)} "
+                           "images", hint=f"give each row its images in order, in the {column!r} column")
+    return found
+
+
+def _processor_render(processor: Any, images: list) -> Any:
+    """A render function (see `_tokenize`) through a vision-language processor: the chat template's text with
+    each image expanded to the model's image tokens; the per-token fields only (no pixels, no mask)."""
+
+    def render(turns: list[dict], row: int, add_generation_prompt: bool = False) -> dict:
+        text = _render_text(processor, turns, row, add_generation_prompt)
+        shown = len(_row_images(turns, images[:_image_parts(turns)], row, "images"))
+        encoded = processor(text=[text], images=[images[:shown]] if shown else None)
+        return {k: list(v[0]) for k, v in encoded.items() if k == "input_ids" or k.endswith("token_type_ids")}
+
+    return render
+
+
+def _image_parts(turns: list[dict]) -> int:
+    return sum(1 for t in turns if isinstance(t["content"], list)
+               for part in t["content"] if isinstance(part, dict) and part.get("type") == "image")
+
+
+def _render_text(processor: Any, turns: list[dict], row: int, add_generation_prompt: bool) -> str:
+    try:
+        return processor.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # noqa: BLE001 - templates raise their own errors
+        raise LorakitError(f"row {row}: the processor's chat template cannot render this conversation: {exc}",
+                           hint="check the roles and the content parts ({'type': 'image'} / {'type': 'text'})"
+                           ) from None
+
+
 def _render(tokenizer: Any, turns: list[dict], row: int, **kwargs: Any) -> dict:
     try:
         return tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True, **kwargs)
@@ -114,28 +197,37 @@ def _render(tokenizer: Any, turns: list[dict], row: int, **kwargs: Any) -> dict:
                            ) from None
 
 
-def _tokenize(tokenizer: Any, turns: list[dict], train_on: str, row: int) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one conversation."""
+def _text_render(tokenizer: Any) -> Any:
+    def render(turns: list[dict], row: int, **kwargs: Any) -> dict:
+        return _render(tokenizer, turns, row, **kwargs)
+
+    return render
+
+
+def _tokenize(render: Any, turns: list[dict], train_on: str, row: int, template: str = "") -> dict:
+    """`input_ids` and `labels` of one conversation (and the other per-token fields `render` gives).
+    `render(turns, row, add_generation_prompt=...)` tokenizes a conversation through its chat template."""
     if train_on == "all":
-        ids = list(_render(tokenizer, turns, row)["input_ids"])
-        return ids, list(ids)
-    if _GENERATION_TAG.search(tokenizer.chat_template):
-        rendered = _render(tokenizer, turns, row, return_assistant_tokens_mask=True)
+        fields = dict(render(turns, row))
+        return dict(fields, input_ids=list(fields["input_ids"]), labels=list(fields["input_ids"]))
+    if _GENERATION_TAG.search(template):
+        rendered = render(turns, row, return_assistant_tokens_mask=True)
         ids = list(rendered["input_ids"])
-        return ids, [t if m else -100 for t, m in zip(ids, rendered["assistant_masks"])]
-    ids = list(_render(tokenizer, turns, row)["input_ids"])
+        return {"input_ids": ids, "labels": [t if m else -100 for t, m in zip(ids, rendered["assistant_masks"])]}
+    fields = dict(render(turns, row))
+    ids = list(fields["input_ids"])
     labels = [-100] * len(ids)
     for i, turn in enumerate(turns):
         if turn["role"] != "assistant":
             continue
-        start = _common_prefix(_render(tokenizer, turns[:i], row, add_generation_prompt=True)["input_ids"], ids)
-        through = list(_render(tokenizer, turns[:i + 1], row)["input_ids"])
+        start = _common_prefix(render(turns[:i], row, add_generation_prompt=True)["input_ids"], ids)
+        through = list(render(turns[:i + 1], row)["input_ids"])
         if ids[:len(through)] != through:
             raise LorakitError(f"row {row}: the chat template renders assistant turn {i} differently when later "
                                "turns follow, so its tokens cannot be located",
                                hint="use a template that marks answers with {% generation %}, or one turn per row")
         labels[start:len(through)] = ids[start:len(through)]
-    return ids, labels
+    return dict(fields, input_ids=ids, labels=labels)
 
 
 def _common_prefix(ids: list[int], other: list[int]) -> int:

@@ -23,7 +23,7 @@ from .errors import LorakitError
 logger = logging.getLogger("lorakit")
 _BUILDERS = {".csv": ("csv", {}), ".tsv": ("csv", {"delimiter": "\t"}), ".json": ("json", {}),
              ".jsonl": ("json", {}), ".parquet": ("parquet", {})}
-COLLATOR_TASKS = ("seq-cls", "causal-lm", "token-cls", "seq2seq", "masked-lm")
+COLLATOR_TASKS = ("seq-cls", "causal-lm", "token-cls", "seq2seq", "masked-lm", "image-text-to-text")
 
 
 def load_table(source: Any, split: str = "train") -> Any:
@@ -219,6 +219,34 @@ class CausalLMCollator:
                                       pad_to_multiple_of=self.pad_to_multiple_of)(features)
 
 
+@dataclass
+class VisionChatCollator:
+    """Pads the chat rows of a vision-language model (`chat_data` with a processor) and turns their images into
+    the model's image inputs. `input_ids` are padded with the pad id, `labels` with -100, per-token type ids
+    with 0, and an `attention_mask` marks the padding; the processor's own image processor makes
+    `pixel_values` (and `image_grid_thw`, `pixel_attention_mask`, ... where the model takes them)."""
+
+    processor: Any
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        tokenizer = self.processor.tokenizer
+        longest = max(len(f["input_ids"]) for f in features)
+        per_token = [k for k in features[0] if k == "input_ids" or k == "labels" or k.endswith("token_type_ids")]
+        fill = {"input_ids": tokenizer.pad_token_id, "labels": -100}
+        batch = {}
+        for key in per_token:
+            rows = [list(f[key]) + [fill.get(key, 0)] * (longest - len(f[key])) for f in features]
+            batch[key] = torch.tensor(rows)
+        batch["attention_mask"] = torch.tensor([[1] * len(f["input_ids"]) + [0] * (longest - len(f["input_ids"]))
+                                                for f in features])
+        images = [list(f.get("images") or []) for f in features]
+        if any(images):
+            batch.update(self.processor.image_processor(images=[i for i in images if i], return_tensors="pt"))
+        return batch
+
+
 def _split_packed(row: dict) -> list[dict]:
     positions = list(row["position_ids"])
     starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
@@ -227,13 +255,20 @@ def _split_packed(row: dict) -> list[dict]:
 
 
 def collator(tokenizer: Any, task: str = "seq-cls") -> Any:
-    """Dynamic padding for a task: seq-cls `DataCollatorWithPadding`, token-cls
+    """Dynamic padding for a task (`tokenizer`: a processor for image-text-to-text, `VisionChatCollator`):
+    seq-cls `DataCollatorWithPadding`, token-cls
     `DataCollatorForTokenClassification`, seq2seq `DataCollatorForSeq2Seq` (labels padded with -100),
     masked-lm `DataCollatorForLanguageModeling`, causal-lm `CausalLMCollator` (see there)."""
     import transformers
 
     if task not in COLLATOR_TASKS:
         raise LorakitError(f"no collator for task {task!r}", hint=f"tasks are: {', '.join(COLLATOR_TASKS)}")
+    if task == "image-text-to-text":
+        if not hasattr(tokenizer, "image_processor"):
+            raise LorakitError("the image-text-to-text collator needs the model's processor, not its tokenizer",
+                               hint="pass AutoProcessor.from_pretrained(...) (the one given to chat_data)")
+        ensure_pad_token(tokenizer.tokenizer)
+        return VisionChatCollator(tokenizer)
     ensure_pad_token(tokenizer)
     if task == "causal-lm":
         return CausalLMCollator(tokenizer)

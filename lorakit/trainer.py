@@ -139,6 +139,13 @@ class LoraTrainer(Trainer):
         self._log_report()
         self.add_callback(memory_check_callback())  # CUDA only: simulated vs measured peak after step 1
 
+    def _set_signature_columns_if_needed(self) -> None:
+        """Trainer keeps only the columns the model's forward takes; a vision-language row's `images` are
+        for the collator (`VisionChatCollator`), which turns them into the inputs the forward does take."""
+        super()._set_signature_columns_if_needed()
+        if "images" not in self._signature_columns:
+            self._signature_columns.append("images")
+
     # ---- before and during training ------------------------------------
 
     def _log_report(self) -> None:
