@@ -94,7 +94,11 @@ def real_records(model: Any) -> list[Record]:
             if scb is not None:
                 weight_bytes += scb.numel() * scb.element_size()
         full_bytes = numel * (param.element_size() if param.is_floating_point() else float_element)
-        records.append(Record(base_path, module_kind(modules[module_path]), numel, weight_bytes,
+        owner = modules[module_path]
+        if role == "lora":  # grouped by the layer it adapts: peft's wrapper holds it as its base layer
+            wrapper = modules[name.split(".lora_")[0]]
+            owner = wrapper.get_base_layer() if hasattr(wrapper, "get_base_layer") else wrapper
+        records.append(Record(base_path, module_kind(owner), numel, weight_bytes,
                               param.element_size(), param.requires_grad, role, full_bytes))
     return records
 

@@ -77,12 +77,12 @@ def is_router(module: Any) -> bool:
 def parameter_targets(module: Any) -> list[tuple[str, str]]:
     """(parameter name, kind) of what peft can adapt on this module only through `target_parameters`:
     "Experts" for each fused 3D expert tensor (transformers 5 keeps an MoE layer's experts as 3D
-    parameters of an `*Experts` module, not as Linear layers), "Router" for the weight of a router that
-    is not a Linear layer. Anything else: none."""
+    parameters of an `*Experts` module, not as Linear layers), "Router" for a router's weight (Llama 4's
+    router subclasses Linear but returns a tuple, which peft's Linear wrapper cannot add to). Else none."""
     if type(module).__name__.endswith("Experts"):
         return [(n, "Experts") for n, p in module.named_parameters(recurse=False)
                 if p.dim() == 3 and p.is_floating_point()]
-    if is_router(module) and adaptable_kind(module) is None and getattr(module, "weight", None) is not None:
+    if is_router(module) and getattr(module, "weight", None) is not None:
         return [("weight", "Router")]
     return []
 

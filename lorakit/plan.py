@@ -221,8 +221,7 @@ def _target(model: Any, name: str, kind: str, lora: Lora) -> Target:
     """A target with its rank and alpha: peft's rank/alpha pattern first, then Lora.expert_rank for experts."""
     r = pattern_value(name, lora.rank_pattern, None)
     alpha = pattern_value(name, lora.alpha_pattern, None)
-    parameter = kind == "Experts" or (kind == "Router" and name.endswith(".weight")
-                                      and adaptable_kind(model.get_submodule(name.rpartition(".")[0])) is None)
+    parameter = kind in ("Experts", "Router")
     owner = model.get_submodule(name.rpartition(".")[0]) if parameter else None
     if r is None and kind == "Experts" and lora.expert_rank is not None:
         experts = model.get_parameter(name).shape[0]

@@ -30,15 +30,20 @@ KIND_GROUPS = {"experts": "Experts", "router": "Router"}
 
 def candidates(model: Any, block_lists: list[str]) -> dict[str, tuple[str, str]]:
     """What LoRA can adapt: full name -> (kind, suffix), suffix being the block-relative name inside blocks.
-    Modules (Linear, Conv1D, Conv2d, Embedding; a router that is a Linear layer is kind "Router") and, by
-    their parameter's name, fused expert tensors ("Experts") and routers that are not Linear layers."""
+    Modules (Linear, Conv1D, Conv2d, Embedding) and, by their parameter's name, fused expert tensors
+    ("Experts") and MoE routers ("Router", `router.weight`)."""
     found = {}
     for name, module in model.named_modules():
         if ".base_layer" in name or "lora_" in name:
             continue
         kind = adaptable_kind(module)
-        entries = [(name, "Router" if kind == "Linear" and is_router(module) else kind)] if kind else []
-        entries += [(f"{name}.{param}" if name else param, k) for param, k in parameter_targets(module)]
+        if is_router(module) and getattr(module, "weight", None) is not None:
+            # by its weight, through target_parameters, even when it subclasses Linear: Llama 4's router returns
+            # a tuple, which peft's Linear wrapper cannot add an update to
+            entries = [(f"{name}.weight", "Router")]
+        else:
+            entries = [(name, kind)] if kind else []
+            entries += [(f"{name}.{param}" if name else param, k) for param, k in parameter_targets(module)]
         for full, k in entries:
             where = block_of(full, block_lists)
             found[full] = (k, where[2] if where else full)

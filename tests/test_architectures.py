@@ -69,6 +69,8 @@ def test_wrap_trains_what_the_plan_and_the_report_say(name):
     wrapped = lorakit.wrap(build_family(name), lora=lorakit.Lora(**SPEC))
     trainable = sum(p.numel() for p in wrapped.parameters() if p.requires_grad)
     assert trainable == expected == predicted == lorakit.report(wrapped).total.trainable_parameters
+    held = lorakit.report(wrapped, by="kind").to_dict()["layers"]
+    assert held == lorakit.report(base, lora=lorakit.Lora(**SPEC), by="kind").to_dict()["layers"]  # row by row
     adapted = {n.removeprefix("base_model.model.").split(".lora_A")[0].replace(".base_layer", "")
                for n, _ in wrapped.named_parameters() if ".lora_A." in n}
     planned = {t.name.rpartition(".")[0] if t.parameter else t.name for t in plan.targets}
