@@ -19,7 +19,7 @@ from .fit import fit, parse_memory, render_fit, rows_json
 from .gguf_export import GGUF_TYPES
 from .load import TASKS, build_from_config, resolve_config
 from .merging import METHODS, merge
-from .render import FORMATS, plot
+from .render import FORMATS, architecture_summary, architecture_table, plot
 from .report import report
 from .specs import Freeze, Lora, Quant
 from .wrap import targets
@@ -141,6 +141,11 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
 
 
+def cmd_architectures(args: argparse.Namespace) -> int:
+    print(architecture_summary() if args.by_group else architecture_table(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA, freezing and quantization for Hugging Face "
                                      "models: see exactly what each choice costs.")
@@ -217,6 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     zoo = sub.add_parser("zoo", help="list presets and bundled configs")
     zoo.set_defaults(func=cmd_zoo)
+
+    hub = sub.add_parser("architectures", help="the model families lorakit supports and tests, with their limits")
+    hub.add_argument("--by-group", action="store_true", help="one row per group of families")
+    hub.set_defaults(func=cmd_architectures)
     return parser
 
 

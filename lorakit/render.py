@@ -8,8 +8,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+from typing import Any
+
 from .errors import LorakitError
 from .report import Report, Row
+from .zoo import architectures, preset_for_type
 
 COLUMNS = [  # (header, getter)
     ("layer", lambda r: r.name),
@@ -137,3 +140,42 @@ def plot(report: Report, path: str) -> None:
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+# ---- the architecture hub's support table ------------------------------------
+
+def _targets_text(preset: Any) -> str:
+    targets = preset.recommended.get("targets", "all-linear")
+    return targets if isinstance(targets, str) else ", ".join(targets)
+
+
+def architecture_table() -> str:
+    """Markdown: every family of adapters_zoo/architectures.toml, with its preset, its default LoRA targets and
+    what it does not support (each row passes tests/test_architectures.py; a limit is tested as a limit)."""
+    lines = ["| family | model_type | group | task | preset | default LoRA targets | 4-bit | memory simulator |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in architectures():
+        preset, limits = preset_for_type(row["model_type"]), row.get("limits", {})
+        lines.append(f"| {row['name']} | `{row['model_type']}` | {row['group']} | {row['task']} | {preset.name} | "
+                     f"{_targets_text(preset)} | {limits.get('quant', 'yes')} | {limits.get('simulate', 'yes')} |")
+    return "\n".join(lines) + "\n"
+
+
+def architecture_summary() -> str:
+    """Markdown: the hub by group, for the README (the full table is docs/architectures.md)."""
+    groups: dict[str, list[dict]] = {}
+    for row in architectures():
+        groups.setdefault(row["group"], []).append(row)
+
+    def but(rows: list[dict], check: str) -> str:
+        missing = [r["name"] for r in rows if check in r.get("limits", {})]
+        present = [r["name"] for r in rows if r["name"] not in missing]
+        if not missing or not present:
+            return "all" if not missing else "none"
+        return "all but " + ", ".join(missing) if len(missing) <= len(present) else "only " + ", ".join(present)
+
+    lines = ["| group | families (wrap, train, merge: all) | 4-bit | memory simulator |", "|---|---|---|---|"]
+    for group, rows in groups.items():
+        lines.append(f"| {group} | {', '.join(r['name'] for r in rows)} | {but(rows, 'quant')} | "
+                     f"{but(rows, 'simulate')} |")
+    return "\n".join(lines) + "\n"
