@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import LorakitError
 
-_VLM_FAMILIES = ("llava", "smolvlm", "idefics3", "gemma3", "qwen2_vl", "qwen2_5_vl")
+_VLM_FAMILIES = ("llava", "smolvlm", "idefics3", "gemma3", "paligemma", "qwen2_vl", "qwen2_5_vl")
 
 
 def sample_batch(config: Any, task: str, *, batch_size: int = 2, seq_len: int = 8, labels: bool = True,
@@ -26,7 +26,8 @@ def sample_batch(config: Any, task: str, *, batch_size: int = 2, seq_len: int = 
     shape = (batch_size, seq_len)
     if task == "image-text-to-text":
         batch = _vision_language(config, batch_size, seq_len, g)
-    elif task in ("speech-seq2seq", "audio-cls") or hasattr(config, "num_mel_bins") or hasattr(config, "conv_stride"):
+    elif task in ("speech-seq2seq", "audio-cls") or any(
+            hasattr(config, a) for a in ("num_mel_bins", "conv_stride", "input_feat_per_channel")):
         batch = _audio(config, task, batch_size, seq_len, g)
     elif task == "image-cls" or (hasattr(config, "num_channels") and not hasattr(config, "vocab_size")
                                  and not hasattr(config, "text_config")):
@@ -39,9 +40,9 @@ def sample_batch(config: Any, task: str, *, batch_size: int = 2, seq_len: int = 
         if getattr(text, "bos_token_id", None) is not None:
             ids[:, 0] = text.bos_token_id
         ids[:, -1] = text.vocab_size - 1  # CLIP pools where the largest id is when its eos id is the legacy 2
-        size = _side(vision.image_size)
-        batch = {"input_ids": ids, "pixel_values": torch.randn(batch_size, vision.num_channels, size, size,
-                                                               generator=g), "return_loss": True}
+        size, channels = _side(vision.image_size), getattr(vision, "num_channels", 3)
+        batch = {"input_ids": ids, "pixel_values": torch.randn(batch_size, channels, size, size, generator=g),
+                 "return_loss": True}
     else:
         ids = _tokens(config, shape, g)
         batch = {"input_ids": ids}
@@ -101,8 +102,16 @@ def _audio(config: Any, task: str, batch_size: int, seq_len: int, g: Any) -> dic
     if hasattr(config, "num_mel_bins"):  # Whisper: log-mel frames, exactly twice its encoder positions
         features = torch.randn(batch_size, config.num_mel_bins, 2 * config.max_source_positions, generator=g)
         batch = {"input_features": features}
-    else:  # wav2vec 2.0: 32 frames of its convolutional feature encoder (SpecAugment masks up to 10)
+    elif hasattr(config, "input_feat_per_channel"):  # Speech2Text: filter-bank frames, (batch, time, features)
+        features = torch.randn(batch_size, 32, config.input_feat_per_channel * getattr(config, "input_channels", 1),
+                               generator=g)
+        batch = {"input_features": features}
+    elif hasattr(config, "conv_stride"):  # wav2vec 2.0 and kin: 32 frames of the feature encoder (SpecAugment
+        # masks up to 10 of them)
         batch = {"input_values": torch.randn(batch_size, 32 * math.prod(config.conv_stride), generator=g)}
+    else:
+        raise LorakitError(f"lorakit cannot build a sample batch for a {config.model_type} audio model",
+                           hint="merge with verify=False (--no-verify) and check the merged model yourself")
     if task == "audio-cls":
         batch["labels"] = _classes(config, (batch_size,), g)
     else:
@@ -127,6 +136,9 @@ def _vision_language(config: Any, batch_size: int, seq_len: int, g: Any) -> dict
     elif family in ("smolvlm", "idefics3"):
         count = (size // vision.patch_size) ** 2 // config.scale_factor ** 2
         pixels = torch.randn(batch_size, 1, vision.num_channels, size, size, generator=g)
+    elif family == "paligemma":
+        count = config.text_config.num_image_tokens
+        pixels = torch.randn(batch_size, vision.num_channels, size, size, generator=g)
     elif family == "gemma3":
         count = config.mm_tokens_per_image
         pixels = torch.randn(batch_size, vision.num_channels, size, size, generator=g)
@@ -145,6 +157,8 @@ def _vision_language(config: Any, batch_size: int, seq_len: int, g: Any) -> dict
     is_image = ids == image
     if family == "gemma3":
         extra["token_type_ids"] = is_image.long()  # bidirectional attention among an image's tokens
+    if family == "paligemma":
+        extra["token_type_ids"] = (~is_image).long()  # the image is the prefix, the text the suffix it learns
     if family in ("qwen2_vl", "qwen2_5_vl"):
         extra["mm_token_type_ids"] = is_image.int()
     return {"input_ids": ids, "pixel_values": pixels, "labels": ids.masked_fill(is_image, -100), **extra}

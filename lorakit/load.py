@@ -10,6 +10,7 @@ model remembers where it came from and which weights the checkpoint lacked
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import importlib.util
@@ -184,6 +185,10 @@ def build_from_config(config: Any, task: str | None = None, *, meta: bool = Fals
     check_task(task)
     task = task or task_from_config(config)
     cls = auto_class(task)
+    if getattr(config, "architectures", None) is None:
+        # transformers' Auto classes iterate it when a config type has several classes (DeiT)
+        config = copy.copy(config)
+        config.architectures = []
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = torch_dtype(dtype)

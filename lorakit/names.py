@@ -35,19 +35,27 @@ def outermost(names: Any) -> list[str]:
     return sorted(n for n in chosen if not any(n.startswith(o + ".") for o in chosen))
 
 
-# Tasks whose classes share an ending with another task's ("ForConditionalGeneration" is a vision-language
-# model, Whisper or T5; wav2vec2's audio classifier is a "ForSequenceClassification"): transformers' own
-# Auto-class tables are asked first.
+# A class's task, from transformers' own Auto-class tables first: endings cannot tell a vision-language
+# model, Whisper and T5 apart ("ForConditionalGeneration"), see that wav2vec2's "ForSequenceClassification"
+# classifies audio, or that MarianMTModel translates. The more specific tables come first (Gemma 3's
+# ForConditionalGeneration is in the causal-LM table too).
 MAPPED_TASKS = (("audio-cls", "MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES"),
                 ("image-text-to-text", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"),
-                ("speech-seq2seq", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES"))
+                ("speech-seq2seq", "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES"),
+                ("seq2seq", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+                ("causal-lm", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+                ("masked-lm", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
+                ("seq-cls", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+                ("token-cls", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+                ("image-cls", "MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES"))
 
 
 def task_of_class(class_name: str) -> str | None:
     from transformers.models.auto import modeling_auto
 
     for task, table in MAPPED_TASKS:
-        if class_name in getattr(modeling_auto, table).values():
+        classes = getattr(modeling_auto, table).values()
+        if any(class_name == c or isinstance(c, tuple) and class_name in c for c in classes):
             return task
     return next((task for ending, task in ARCHITECTURE_TASKS if class_name.endswith(ending)), None)
 

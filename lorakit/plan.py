@@ -24,7 +24,7 @@ from .names import (adaptable_kind, is_norm, outermost, output_embedding_names, 
 from .specs import REWRITES_BASE, Freeze, Lora, Quant, spec_dict
 from .state import is_quantized, source_of
 from .targeting import all_linear, candidates, did_you_mean, in_blocks, pattern_value, resolve_targets
-from .zoo import Preset, block_of, find_block_lists, preset_for
+from .zoo import Preset, block_of, find_block_lists, preset_for, ruled_modules
 
 
 @dataclass(frozen=True)
@@ -87,11 +87,12 @@ def model_task(model: Any) -> str:
     return (source.task if source and source.task else None) or task_of_class(type(model).__name__) or "base"
 
 
-def head_modules(model: Any, preset: Preset) -> list[str]:
-    """Task heads: the preset's head modules present in the model, plus any module whose weights the
-    checkpoint did not contain (recorded by `lorakit.load`)."""
+def head_modules(model: Any, preset: Preset, block_lists: list[str]) -> list[str]:
+    """Task heads: the preset's head modules present in the model outside its repeated blocks (a block's
+    `router.classifier` is no task head), plus any module whose weights the checkpoint did not contain
+    (recorded by `lorakit.load`)."""
     names = [n for n, _ in model.named_modules() if n]
-    heads = {n for n in names for h in preset.heads if suffix_match(n, h)}
+    heads = {n for n in names for h in preset.heads if suffix_match(n, h) and not block_of(n, block_lists)}
     source = source_of(model)
     for key in source.missing_keys if source else ():
         module = key.rsplit(".", 1)[0]
@@ -100,9 +101,9 @@ def head_modules(model: Any, preset: Preset) -> list[str]:
     return outermost(heads)
 
 
-def _trained_in_full(model: Any, preset: Preset, lora: Lora | None) -> list[str]:
+def _trained_in_full(model: Any, preset: Preset, lora: Lora | None, block_lists: list[str]) -> list[str]:
     """Heads, the head path the preset says must learn (only when a head is there), and Lora.train_fully."""
-    heads = head_modules(model, preset)
+    heads = head_modules(model, preset, block_lists)
     names = [n for n, _ in model.named_modules() if n]
     extra = [n for n in names for t in preset.train_fully if heads and suffix_match(n, t)]
     for wanted in (lora.train_fully if lora else []):
@@ -154,7 +155,7 @@ def _trainable(model: Any, freeze: Freeze | None, preset: Preset, lora: Lora | N
     return trainable
 
 
-def _quant_skips(model: Any, quant: Quant, full: list[str], preset: Preset) -> dict[str, str]:
+def _quant_skips(model: Any, quant: Quant, full: list[str]) -> dict[str, str]:
     """Modules kept in full precision, with the reason: transformers' own skip list (output embeddings,
     tied weights, the last module), `_keep_in_fp32_modules`, what lorakit trains in full, the user's list."""
     from transformers import PreTrainedModel
@@ -165,8 +166,8 @@ def _quant_skips(model: Any, quant: Quant, full: list[str], preset: Preset) -> d
         skips.update(dict.fromkeys(get_keys_to_not_convert(model), "transformers keeps it unquantized"))
         skips.update(dict.fromkeys(getattr(model, "_keep_in_fp32_modules", None) or [], "kept in fp32 by the model"))
     skips.update(dict.fromkeys(full, "trained in full"))
-    skips.update({n: f"kept unquantized by the {preset.name} preset" for n, _ in model.named_modules()
-                  if n and any(suffix_match(n, k) for k in preset.keep_unquantized)})
+    skips.update({n: f"kept unquantized: {rule.reason}" for n, rule in ruled_modules(model).items()
+                  if not rule.quantize})
     skips.update(dict.fromkeys(quant.skip_modules, "Quant.skip_modules"))
     return skips
 
@@ -217,11 +218,24 @@ def _resolved(lora: Lora, preset: Preset) -> tuple[Lora, list[tuple[str, Any, st
                       ("lora.dropout", dropout, dropout_source), ("lora.targets", targets, targets_source)]
 
 
+def _tied(model: Any) -> dict[str, str]:
+    """Layers whose weight another layer shares (Zamba's shared transformer block; an embedding tied to the
+    output layer): one weight used in two places cannot take two adapters, nor have one folded in alone."""
+    users: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if name and adaptable_kind(module) and weight is not None:
+            users.setdefault(id(weight), []).append(name)
+    return {name: "its weight is shared with another layer (tied): a weight used in two places cannot take "
+                  "separate adapters, nor be merged with one" for names in users.values() if len(names) > 1
+            for name in names}
+
+
 def _target(model: Any, name: str, kind: str, lora: Lora) -> Target:
     """A target with its rank and alpha: peft's rank/alpha pattern first, then Lora.expert_rank for experts."""
     r = pattern_value(name, lora.rank_pattern, None)
     alpha = pattern_value(name, lora.alpha_pattern, None)
-    parameter = kind in ("Experts", "Router")
+    parameter = kind == "Experts" or (kind == "Router" and name.endswith(".weight"))
     owner = model.get_submodule(name.rpartition(".")[0]) if parameter else None
     if r is None and kind == "Experts" and lora.expert_rank is not None:
         experts = model.get_parameter(name).shape[0]
@@ -252,11 +266,12 @@ def _parameter_targets_checked(lora: Lora, defaults: list, targets: list[Target]
     return lora, defaults
 
 
-def _left_out(found: dict, preset: Preset, block_lists: list[str], lora: Lora, targets: list[Target],
-              excluded: set[str]) -> list[tuple[str, str]]:
+def _left_out(model: Any, found: dict, preset: Preset, block_lists: list[str], lora: Lora, targets: list[Target],
+              excluded: set[str], refused: dict[str, str]) -> list[tuple[str, str]]:
     """What the LoRA spec could have adapted but did not, where that is a decision worth stating: routers,
-    the preset's groups it leaves out by default, and the Linear layers outside the blocks that all-linear
-    skips (peft's all-linear takes them)."""
+    the preset's groups it leaves out by default, the Linear layers outside the blocks that all-linear
+    skips (peft's all-linear takes them), what cannot take LoRA (and why), and the weights inside the blocks
+    that are no layer lorakit adapts (XLNet's attention tensors, a 1D convolution, DBRX's 2D experts)."""
     chosen = {t.name for t in targets}
     wanted = [lora.targets] if isinstance(lora.targets, str) else list(lora.targets)
     why: dict[str, str] = {}
@@ -271,11 +286,16 @@ def _left_out(found: dict, preset: Preset, block_lists: list[str], lora: Lora, t
             for name, (kind, rel) in found.items():
                 if preset.group_matches(group, rel if block_of(name, block_lists) else None, name):
                     why.setdefault(name, reason)
-    for name in found:
-        why.update({name: reason for suffix, reason in (preset.unsupported or {}).items() if suffix_match(name, suffix)})
+    why.update(refused)
     for name, (kind, _) in found.items():
         if kind == "Router":
             why[name] = "MoE router: adapted only when named (Lora.targets=[..., \"router\"])"
+    for name, module in model.named_modules():
+        weights = [p for p, v in module.named_parameters(recurse=False) if v.dim() >= 2 and v.is_floating_point()
+                   and f"{name}.{p}" not in found]
+        if weights and name not in found and block_of(name, block_lists) and not is_norm(module):
+            why.setdefault(name, f"a {type(module).__name__} keeps its weights as tensors ({', '.join(weights)}), "
+                                 "not in a layer lorakit adapts (Linear, Conv1D, Conv2d, Embedding, MoE experts)")
     return sorted((n, w) for n, w in why.items() if n not in chosen and not under(n, excluded))
 
 
@@ -328,18 +348,21 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
     chosen = preset_for(model, preset)
     block_lists = find_block_lists(model, chosen)
     defaults: list[tuple[str, Any, str]] = []
-    full = _trained_in_full(model, chosen, lora)
+    full = _trained_in_full(model, chosen, lora, block_lists)
     targets: list[Target] = []
     skipped = [(n, "output embedding (tied to the input embedding in many models)")
                for n in sorted(output_embedding_names(model)) if lora]
     if lora:
         lora, defaults = _resolved(lora, chosen)
         found = candidates(model, block_lists)
+        refused = {n: rule.reason for n, rule in ruled_modules(model).items() if not rule.lora}
+        refused.update({n: why for n, why in _tied(model).items() if n in found})
         targets = [_target(model, name, found[name][0], lora)
-                   for name in resolve_targets(model, lora, chosen, block_lists, full, lora.targets)]
+                   for name in resolve_targets(model, lora, chosen, block_lists, full, lora.targets, refused)]
         lora, defaults = _parameter_targets_checked(lora, defaults, targets)
         skipped += [(n, "trained in full") for n in full]
-        skipped += _left_out(found, chosen, block_lists, lora, targets, set(full) | output_embedding_names(model))
+        skipped += _left_out(model, found, chosen, block_lists, lora, targets,
+                             set(full) | output_embedding_names(model), refused)
         _check_full_names(model, full, [t.name for t in targets])
         other = [t for t in targets if t.kind not in ("Linear", "Conv1D")]
         if lora.init in REWRITES_BASE and other:
@@ -356,7 +379,7 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
         if is_quantized(model):
             raise QuantizationError("this model is already quantized",
                                     hint="drop quant=..., or start from the full-precision model")
-        quant_skips = _quant_skips(model, quant, full, chosen)
+        quant_skips = _quant_skips(model, quant, full)
         quantized = _quantized(model, sorted(quant_skips))
         skipped += sorted(quant_skips.items())
         skipped += [(f"{n}.{p}", "fused expert tensor: bitsandbytes quantizes Linear layers only, so it stays in "

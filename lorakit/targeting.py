@@ -33,11 +33,14 @@ def candidates(model: Any, block_lists: list[str]) -> dict[str, tuple[str, str]]
     Modules (Linear, Conv1D, Conv2d, Embedding) and, by their parameter's name, fused expert tensors
     ("Experts") and MoE routers ("Router", `router.weight`)."""
     found = {}
-    for name, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for name, module in modules.items():
         if ".base_layer" in name or "lora_" in name:
             continue
         kind = adaptable_kind(module)
-        if is_router(module) and getattr(module, "weight", None) is not None:
+        if kind == "Linear" and is_router(modules.get(name.rpartition(".")[0], module)):
+            entries = [(name, "Router")]  # a router's own Linear layer (DBRX's router.layer)
+        elif is_router(module) and getattr(module, "weight", None) is not None:
             # by its weight, through target_parameters, even when it subclasses Linear: Llama 4's router returns
             # a tuple, which peft's Linear wrapper cannot add an update to
             entries = [(f"{name}.weight", "Router")]
@@ -51,19 +54,18 @@ def candidates(model: Any, block_lists: list[str]) -> dict[str, tuple[str, str]]
 
 
 def resolve_targets(model: Any, lora: Lora, preset: Preset, block_lists: list[str], full: list[str],
-                     wanted: Any) -> list[str]:
-    """The full names of the modules `wanted` (a target, a group, "all-linear" or a list) selects."""
+                     wanted: Any, refused: dict[str, str]) -> list[str]:
+    """The full names of the modules `wanted` (a target, a group, "all-linear" or a list) selects; `refused`
+    (name -> why) are candidates that cannot take LoRA, left out of every selection and an error to name."""
     found = candidates(model, block_lists)
     output = output_embedding_names(model)
-    unsupported = preset.unsupported or {}
-    refused = {n for n in found if any(suffix_match(n, u) for u in unsupported)}
-    excluded = set(full) | output | refused
+    excluded = set(full) | output | set(refused)
     chosen: set[str] = set()
     for entry in [wanted] if isinstance(wanted, str) else wanted:
-        why = next((w for u, w in unsupported.items() if suffix_match(entry, u) or entry == u), None)
-        if why is not None:
-            raise TargetError(f"target {entry!r} cannot take LoRA: {why}",
-                              hint=f"leave out {', '.join(unsupported)}; all-linear does")
+        named = next((n for n in refused if n == entry or suffix_match(n, entry)), None)
+        if named is not None and entry not in ("all-linear", *preset.groups, *KIND_GROUPS):
+            raise TargetError(f"target {entry!r} cannot take LoRA in this model: {refused[named]} ({named})",
+                              hint="leave it out of Lora.targets; all-linear does")
         if entry == "all-linear":
             hits = all_linear(found, block_lists, excluded)
         elif entry in preset.groups:  # layers, not embeddings; routers only when named

@@ -73,6 +73,12 @@ _GRADIENT_HINT = (
     "otherwise check that the targeted modules feed the loss")
 
 
+def _clear_leftovers(run_dir: Path) -> None:
+    """A killed run's half-written checkpoint (staging) and half-deleted ones (renamed aside to trash)."""
+    for leftover in [run_dir / _STAGING, *run_dir.glob(TRASH + "*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
 def _is_no_decay(name: str, module: Any) -> bool:
     return name.endswith("bias") or "norm" in type(module).__name__.lower()
 
@@ -170,6 +176,8 @@ class LoraTrainer(Trainer):
                 raise LorakitError(f"resume_from_checkpoint=True, but {run_dir} holds no checkpoint",
                                    hint="start a fresh run (no resume_from_checkpoint)")
             verify_checkpoint(Path(chosen))
+            if self.args.should_save:  # a resume with no step left saves nothing, so clear up here too
+                _clear_leftovers(run_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> Any:
@@ -260,8 +268,7 @@ class LoraTrainer(Trainer):
         staging = run_dir / _STAGING
         name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.args.should_save:
-            for leftover in [staging, *run_dir.glob(TRASH + "*")]:  # from a killed run
-                shutil.rmtree(leftover, ignore_errors=True)
+            _clear_leftovers(run_dir)
         self._staging = True
         try:
             super()._save_checkpoint(model, trial)

@@ -77,8 +77,15 @@ def sample_inputs(config: Any) -> dict:
 def _logits(model: Any, inputs: dict) -> Any:
     import torch
 
-    with torch.no_grad():
-        out = model(**inputs)
+    try:
+        with torch.no_grad():
+            out = model(**inputs)
+    except Exception as exc:  # noqa: BLE001 - the model's own forward rejects lorakit's sample batch
+        raise LorakitError(f"the merge cannot be verified: {type(model).__name__} does not run on lorakit's sample "
+                           f"batch ({', '.join(f'{k} {tuple(v.shape)}' for k, v in inputs.items())}): "
+                           f"{str(exc).splitlines()[0][:200]}",
+                           hint="nothing was written; merge with verify=False (--no-verify) and check the merged "
+                                "model on inputs it takes") from None
     return (out.logits if hasattr(out, "logits") else out[0]).float()
 
 

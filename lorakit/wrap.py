@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .accounting import planned_records
-from .errors import AlreadyWrappedError, LorakitError, SpecError
+from .errors import AlreadyWrappedError, LorakitError, SpecError, TargetError
 from .names import peft_role
 from .plan import Plan, make_plan
 from .targeting import candidates
@@ -67,13 +67,18 @@ class Targets:
 
 def targets(model: Any, lora: Lora | dict | None = None, *, preset: str | None = None) -> Targets:
     """Dry run: the LoRA candidates of `model`, and which ones `lora` (default: the preset's) would touch."""
-    plan = make_plan(model, Lora.coerce(lora) or Lora(), preset=preset)
     grouped: dict[str, dict[str, list[str]]] = {}
     for name, (kind, suffix) in candidates(model, find_block_lists(model, preset_for(model, preset))).items():
         grouped.setdefault(kind, {}).setdefault(suffix, []).append(name)
-    candidate_names = set(candidates(model, plan.block_lists))
+    try:
+        plan = make_plan(model, Lora.coerce(lora) or Lora(), preset=preset)
+    except TargetError as exc:  # still list what exists: that is what the user needs to choose from
+        if "selects no module" not in exc.message:
+            raise
+        return Targets(candidates=grouped, preset=preset_for(model, preset).name,
+                       left_out=[("(every candidate)", f"{exc.message}; name some of the modules above")])
     return Targets(candidates=grouped, selected=plan.target_names, trained_in_full=list(plan.trained_in_full),
-                   preset=plan.preset, left_out=[(n, why) for n, why in plan.skipped if n in candidate_names])
+                   preset=plan.preset, left_out=[(n, why) for n, why in plan.skipped if why != "trained in full"])
 
 
 def lora_config(plan: Plan) -> Any:

@@ -28,8 +28,8 @@ def zoo_dir() -> Path:
 
 
 # The preset schema: every key a preset file may hold, with its type. An unknown key is an error.
-_LISTS = ("model_types", "blocks", "embeddings", "heads", "train_fully", "keep_unquantized")
-_TABLES = ("groups", "recommended", "left_out", "unsupported")
+_LISTS = ("model_types", "blocks", "embeddings", "heads", "train_fully")
+_TABLES = ("groups", "recommended", "left_out")
 _RECOMMENDED = {"r": int, "alpha": (int, float), "dropout": (int, float), "learning_rate": (int, float),
                 "targets": (str, list)}
 
@@ -44,8 +44,6 @@ class Preset:
     train_fully: tuple[str, ...]
     groups: dict[str, tuple[str, ...]]
     recommended: dict[str, Any]
-    unsupported: dict[str, str] | None = None  # module suffix -> why LoRA cannot go on it in this family
-    keep_unquantized: tuple[str, ...] = ()  # module suffixes 4-bit/8-bit layers cannot stand in for
     left_out: dict[str, str] | None = None  # group -> why the default targets leave it out
 
     def group_matches(self, group: str, relative_name: str | None, full_name: str) -> bool:
@@ -83,16 +81,13 @@ def read_preset(path: Path) -> Preset:
             raise _schema_error(path, f"unknown key {key!r} in [recommended]; known: {', '.join(_RECOMMENDED)}")
         if isinstance(value, bool) or not isinstance(value, _RECOMMENDED[key]):
             raise _schema_error(path, f"[recommended] {key} has the wrong type: {value!r}")
-    left_out, unsupported = dict(data.get("left_out", {})), dict(data.get("unsupported", {}))
+    left_out = dict(data.get("left_out", {}))
     for key, value in left_out.items():
         if key not in groups or not isinstance(value, str):
             raise _schema_error(path, f"[left_out] {key} must name a group of [groups] and say why, got {value!r}")
-    for key, value in unsupported.items():
-        if not isinstance(value, str):
-            raise _schema_error(path, f"[unsupported] {key} must say why LoRA cannot go there, got {value!r}")
     return Preset(name=path.stem, **{k: _strings(path, k, data.get(k, [])) for k in _LISTS},
                   groups={k: _strings(path, f"groups.{k}", v) for k, v in groups.items()}, recommended=recommended,
-                  left_out=left_out, unsupported=unsupported)
+                  left_out=left_out)
 
 
 @functools.cache
@@ -119,6 +114,51 @@ def preset_for_type(model_type: str | None) -> Preset:
     return next((p for p in table.values() if model_type in p.model_types), table["default"])
 
 
+@dataclass(frozen=True)
+class ModuleRule:
+    """Modules (`modules`, suffixes) inside a module whose class matches `inside` (globs) that cannot take
+    LoRA (`lora` False) or bitsandbytes (`quantize` False), and why (adapters_zoo/module_rules.toml)."""
+
+    inside: tuple[str, ...]
+    modules: tuple[str, ...]
+    reason: str
+    lora: bool = True
+    quantize: bool = True
+
+
+@functools.cache
+def module_rules() -> tuple[ModuleRule, ...]:
+    path = zoo_dir() / "module_rules.toml"
+    rules = []
+    for entry in tomllib.loads(path.read_text()).get("rule", []):
+        unknown = set(entry) - {"inside", "modules", "reason", "lora", "quantize"}
+        if unknown or not isinstance(entry.get("reason"), str) or entry.get("lora", True) and entry.get(
+                "quantize", True):
+            raise _schema_error(path, f"rule {entry!r}: needs inside, modules, reason and lora = false and/or "
+                                      f"quantize = false" + (f" (unknown: {', '.join(sorted(unknown))})" if unknown
+                                                             else ""))
+        rules.append(ModuleRule(inside=_strings(path, "inside", entry.get("inside")),
+                                modules=_strings(path, "modules", entry.get("modules")), reason=entry["reason"],
+                                lora=bool(entry.get("lora", True)), quantize=bool(entry.get("quantize", True))))
+    return tuple(rules)
+
+
+def ruled_modules(model: Any) -> dict[str, ModuleRule]:
+    """Module name -> the rule that holds for it in `model`."""
+    found = {}
+    for name, module in model.named_modules():
+        for rule in module_rules():
+            if any(fnmatch.fnmatchcase(type(module).__name__, glob) for glob in rule.inside):
+                for child in rule.modules:
+                    full = f"{name}.{child}" if name else child
+                    try:
+                        model.get_submodule(full)
+                    except AttributeError:
+                        continue
+                    found.setdefault(full, rule)
+    return found
+
+
 @functools.cache
 def architectures() -> tuple[dict, ...]:
     """The architecture hub, adapters_zoo/architectures.toml: one row per family lorakit supports (name,
@@ -138,8 +178,9 @@ def _matches_suffix(name: str, suffix: str) -> bool:
 def find_block_lists(model: Any, preset: Preset) -> list[str]:
     """Names of the ModuleLists that hold the model's repeated blocks.
 
-    The preset names them; without a preset, any outermost ModuleList whose
-    children all share one class and hold parameters counts as a block stack.
+    The preset names them; without a preset, any outermost ModuleList counts whose children hold parameters
+    and are all of one class, or all layers of one kind by name (Jamba alternates JambaAttentionDecoderLayer
+    and JambaMambaDecoderLayer).
     """
     import torch
 
@@ -150,10 +191,14 @@ def find_block_lists(model: Any, preset: Preset) -> list[str]:
     for name, module_list in lists:
         if any(name.startswith(f + ".") for f in found):
             continue
-        kinds = {type(child) for child in module_list}
-        if len(kinds) == 1 and any(True for _ in module_list[0].parameters()):
+        kinds = {type(child).__name__ for child in module_list}
+        alike = len(kinds) == 1 or any(all(k.endswith(end) for k in kinds) for end in _LAYER_ENDINGS)
+        if alike and any(True for _ in module_list[0].parameters()):
             found.append(name)
     return found
+
+
+_LAYER_ENDINGS = ("DecoderLayer", "EncoderLayer", "Layer", "Block")
 
 
 def block_of(name: str, block_lists: list[str]) -> tuple[str, int, str] | None:

@@ -42,12 +42,11 @@ def test_preset_names_modules_that_exist(preset_name, arch):
         assert any(fnmatch.fnmatchcase(r, g) for r in relative for g in globs), f"{preset_name}.{group} matches nothing"
 
 
-@pytest.mark.parametrize("preset_name", sorted({name for name, _ in COVERED}))
-def test_what_a_preset_keeps_unquantized_or_refuses_exists_in_its_family(preset_name):
-    preset = presets()[preset_name]
-    names = {n for name, arch in COVERED if name == preset_name for n, _ in build_any(arch).named_modules()}
-    for part in [*preset.keep_unquantized, *(preset.unsupported or {})]:
-        assert any(suffix_match(n, part) for n in names), f"{preset_name}: no module {part!r} in its family"
+def test_every_module_rule_holds_somewhere_in_the_hub():
+    from lorakit.zoo import module_rules, ruled_modules
+
+    held = {id(rule) for name in FAMILIES for rule in ruled_modules(build_family(name)).values()}
+    assert [rule for rule in module_rules() if id(rule) not in held] == []  # a rule no family exercises is untested
 
 
 @pytest.mark.parametrize("text,complaint", [
