@@ -46,6 +46,8 @@ def sample_batch(config: Any, task: str, *, batch_size: int = 2, seq_len: int = 
     else:
         ids = _tokens(config, shape, g)
         batch = {"input_ids": ids}
+        if task != "causal-lm":  # encoders read a padding mask (and check for padding without one)
+            batch["attention_mask"] = torch.ones_like(ids)
         if task in ("causal-lm", "masked-lm"):
             batch["labels"] = ids.clone()
         elif task == "seq-cls":

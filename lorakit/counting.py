@@ -10,7 +10,11 @@ fake tensors, which is how the tests check the fake count against a real one.
 the CUDA kernels keep: dropout saves a 1-byte mask (CUDA's fused
 `native_dropout`) instead of a same-dtype noise tensor (CPU's), and autocast's
 CUDA float32 list (softmax, log_softmax, layer_norm, group_norm without an
-explicit dtype) upcasts as it does on a GPU.
+explicit dtype) upcasts as it does on a GPU. MoE experts in another dtype than
+bf16 go through transformers' own grouped-matmul fallback op (which has fake
+kernels) instead of torch's grouped_mm, whose meta kernel takes bf16 only;
+both keep the same tensors: all S x top_k routed rows, however tokens spread
+over the experts, so the figure needs no routing assumption.
 """
 
 from __future__ import annotations
@@ -178,13 +182,19 @@ def cuda_kernels():
 
     replacements = {"dropout": dropout, **{n: upcast_softmax(n) for n in _FP32_ON_CUDA},
                     **{n: upcast_norm(n) for n in _NORMS_FP32_ON_CUDA}}
+    from transformers.integrations import moe
+
+    can_use_grouped_mm = moe._can_use_grouped_mm
     try:
         for name, function in replacements.items():
             setattr(functional, name, function)
+        moe._can_use_grouped_mm = lambda input, weight, offs: (weight.dtype == torch.bfloat16
+                                                               and can_use_grouped_mm(input, weight, offs))
         yield
     finally:
         for name, function in originals.items():
             setattr(functional, name, function)
+        moe._can_use_grouped_mm = can_use_grouped_mm
 
 
 _LOW = (torch.bfloat16, torch.float16)

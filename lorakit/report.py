@@ -180,7 +180,8 @@ def report(model_or_config: Any, *, lora: Lora | dict | int | None = None, freez
         result.simulation = sim
         result.activation_bytes = sim.breakdown["activations"]
         result.activation_note = (f"saved at the simulated peak of {sim.peak_allocated / 2**30:.2f} GiB allocated "
-                                  f"(step {sim.peak_step}, {sim.peak_phase}; {attn} attention, batch {batch_size}, "
+                                  f"(step {sim.peak_step}, {sim.peak_phase}; {sim.settings['attn']} attention, "
+                                  f"batch {batch_size}, "
                                   f"sequence {seq_len}, gradient checkpointing "
                                   f"{'on' if gradient_checkpointing else 'off'}); counted on fake tensors")
     return result

@@ -24,16 +24,20 @@ separately and labelled.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .allocator import CachingAllocator
 from .errors import LorakitError, SpecError
 from .materialise import materialise, prepare_bitsandbytes, state_tensors
+from .batches import sample_batch
 from .load import auto_class, check_task, resolve_config, task_from_config
-from .plan import check_init
+from .plan import check_init, model_task
 from .specs import Freeze, Lora, Quant, torch_dtype
 from .wrap import wrap
 
@@ -90,16 +94,21 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
     if lora is not None and lora.init != "default":  # how adapters start costs no memory in a training step
         check_init(lora, quant)
         lora = replace(lora, init="default")
-    config, cls, name = _architecture(model, task, trust_remote_code)
-    notes = _position_warning(config, seq_len)
+    config, cls, name, task = _architecture(model, task, trust_remote_code)
+    config, notes = _without_layerdrop(config)
+    notes += _position_warning(config, seq_len)
+    inputs = sample_batch(config, task, batch_size=batch_size, seq_len=seq_len)
     dtype = torch_dtype(dtype) if dtype else _config_dtype(config)
     counter = LiveBytes()
     fake = FakeTensorMode(allow_non_fake_inputs=True) if not real else None
     started = time.perf_counter()
     torch.manual_seed(0)
     with torch.device("meta") if not real else _maybe(None):
-        net = cls.from_config(config, dtype=dtype, attn_implementation=ATTENTION[attn],
-                              trust_remote_code=trust_remote_code)
+        net = _build(cls, config, dtype, ATTENTION[attn], trust_remote_code)
+        ran = getattr(net.config, "_attn_implementation", None) or ATTENTION[attn]
+        if ran != ATTENTION[attn]:
+            notes.append(f"{type(net).__name__} has no {attn} attention: simulated with {ran}, as transformers "
+                         "runs it")
         if lora or freeze or quant:
             net = wrap(net, lora=lora, freeze=freeze, quant=quant, preset=preset)
     if not any(p.requires_grad for p in net.parameters()):
@@ -115,10 +124,10 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
             for tensor in state_tensors(net):
                 counter.track(tensor)
             setup = counter.live
-            with cuda_kernels():
-                _run_steps(net, config, counter, batch_size, seq_len, optimizer, autocast, steps)
+            with cuda_kernels(), _without_value_checks():
+                _run_steps(net, inputs, counter, optimizer, autocast, steps)
     result = _summarise(counter, setup, name, steps)
-    result.settings = dict(dtype=str(dtype).removeprefix("torch."), autocast=autocast, attn=attn,
+    result.settings = dict(dtype=str(dtype).removeprefix("torch."), autocast=autocast, attn=ran,
                            batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
                            optimizer=optimizer, steps=steps, real=real,
                            lora=asdict(lora) if lora else None, freeze=asdict(freeze) if freeze else None,
@@ -154,17 +163,29 @@ class _maybe:
             self.mode.__exit__(*exc)
 
 
-def _architecture(model: Any, task: str | None, trust_remote_code: bool) -> tuple[Any, Any, str]:
-    """(config, class to build, name) for a config, a name, or a model in memory."""
+def _architecture(model: Any, task: str | None, trust_remote_code: bool) -> tuple[Any, Any, str, str]:
+    """(config, class to build, name, task) for a config, a name, or a model in memory."""
     check_task(task)
     if hasattr(model, "named_parameters"):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if not hasattr(base, "config") or not hasattr(type(base), "_from_config"):
             raise LorakitError(f"cannot simulate a {type(base).__name__}: only transformers models rebuild "
                                "from their config", hint="pass the model's config or its name")
-        return base.config, _Rebuild(type(base)), type(base).__name__
+        return base.config, _Rebuild(type(base)), type(base).__name__, task or model_task(base)
     config, source = resolve_config(model, trust_remote_code=trust_remote_code)
-    return config, auto_class(task or task_from_config(config)), source.id
+    task = task or task_from_config(config)
+    return config, auto_class(task), source.id, task
+
+
+def _build(cls: Any, config: Any, dtype: Any, attn: str, trust_remote_code: bool) -> Any:
+    """The model with the attention asked for, or the model's own when it has no such implementation
+    (Gemma 2, gpt-oss and BLOOM have no sdpa; Mamba, ConvNeXt and ResNet no attention at all)."""
+    try:
+        return cls.from_config(config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "attention implementation" not in str(exc) and "attn_implementation" not in str(exc):
+            raise
+        return cls.from_config(config, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code)
 
 
 class _Rebuild:
@@ -187,6 +208,35 @@ def _config_dtype(config: Any) -> Any:
     return value if value in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
+def _without_layerdrop(config: Any) -> tuple[Any, list[str]]:
+    """A copy of the config with LayerDrop off: the memory peak is a step that skips no layer (and a random
+    skip decided on a fake tensor has no value to decide by)."""
+    import copy
+
+    drops = [k for k, v in config.to_dict().items() if k.endswith("layerdrop") and v]
+    if not drops:
+        return config, []
+    config = copy.copy(config)
+    for key in drops:
+        setattr(config, key, 0.0)
+    return config, [f"{', '.join(drops)} set to 0: the peak is a step that skips no layer"]
+
+
+@contextlib.contextmanager
+def _without_value_checks() -> Iterator[None]:
+    """transformers' own switch for its input checks that read tensor values (a VLM's count of image tokens
+    against its image features): fake tensors have no values, and lorakit's sample batch passes them."""
+    before = os.environ.get("TRANSFORMERS_DISABLE_TORCH_CHECK")
+    os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TRANSFORMERS_DISABLE_TORCH_CHECK")
+        else:
+            os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = before
+
+
 def _position_warning(config: Any, seq_len: int) -> list[str]:
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit and seq_len > limit:
@@ -195,28 +245,6 @@ def _position_warning(config: Any, seq_len: int) -> list[str]:
         warnings.warn(text, stacklevel=3)
         return [text]
     return []
-
-
-def _inputs(net: Any, config: Any, batch_size: int, seq_len: int) -> dict:
-    import torch
-
-    base = net.get_base_model() if hasattr(net, "get_base_model") else net
-    main = getattr(base, "main_input_name", "input_ids")
-    name = type(base).__name__
-    if main == "pixel_values":
-        size = getattr(config, "image_size", 224)
-        size = size if isinstance(size, int) else size[0]
-        inputs = {"pixel_values": torch.randn(batch_size, getattr(config, "num_channels", 3), size, size)}
-    else:
-        vocab = getattr(config, "vocab_size", 100) or 100
-        inputs = {"input_ids": torch.randint(0, vocab, (batch_size, seq_len))}
-    if name.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration")):
-        inputs["labels"] = inputs.get("input_ids")  # the model shifts them itself
-    elif name.endswith("ForTokenClassification"):
-        inputs["labels"] = torch.randint(0, max(getattr(config, "num_labels", 2), 1), (batch_size, seq_len))
-    elif name.endswith(("ForSequenceClassification", "ForImageClassification")):
-        inputs["labels"] = torch.randint(0, max(getattr(config, "num_labels", 2), 1), (batch_size,))
-    return {k: v for k, v in inputs.items() if v is not None}
 
 
 def _optimizer(net: Any, optimizer: str) -> Any:
@@ -233,8 +261,7 @@ def _optimizer(net: Any, optimizer: str) -> Any:
     return bnb.optim.AdamW8bit(params, lr=5e-5)
 
 
-def _run_steps(net: Any, config: Any, counter: Any, batch_size: int, seq_len: int, optimizer_name: str,
-               autocast: str | None, steps: int) -> None:
+def _run_steps(net: Any, batch: dict, counter: Any, optimizer_name: str, autocast: str | None, steps: int) -> None:
     import torch
 
     from .stepping import module_names
@@ -242,12 +269,19 @@ def _run_steps(net: Any, config: Any, counter: Any, batch_size: int, seq_len: in
     optimizer = _optimizer(net, optimizer_name)
     params = [p for p in net.parameters() if p.requires_grad]
     counter.set_phase(0, "inputs")
-    inputs = _inputs(net, config, batch_size, seq_len)
+    # Real tensors, counted as on the device: a model's own checks on its inputs read their values (how many
+    # image tokens a VLM's prompt holds, which frames SpecAugment masks), which fake tensors do not have.
+    inputs = batch
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor):
+            counter.track(value)
     with module_names(net, counter):
         for step in range(1, steps + 1):
             counter.set_phase(step, "forward")
             with torch.autocast("cpu", dtype=getattr(torch, autocast or "bfloat16"), enabled=autocast is not None):
-                loss = net(**inputs).loss
+                out = net(**inputs)
+                loss = out.loss if getattr(out, "loss", None) is not None else out[0].float().mean()  # no head
+                del out  # its logits and cache are Trainer's to drop at once too
             counter.set_phase(step, "backward")
             loss.backward()
             del loss

@@ -149,18 +149,14 @@ def test_4bit_wrap_trains(name):
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
-def limited(check: str) -> list:
-    """The hub's families, those whose row names a limit for `check` marked as expected to fail (strict: a
-    limit that no longer holds fails the test, so the table cannot go on claiming it)."""
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=FAMILIES[n]["limits"][check]))
-            if check in FAMILIES[n].get("limits", {}) else n for n in NAMES]
-
-
-@pytest.mark.parametrize("name", limited("simulate"))
+@pytest.mark.parametrize("name", NAMES)
 def test_the_simulator_runs(name):
     row = FAMILIES[name]
-    simulation = simulate(family_config(name), lora=lorakit.Lora(**SPEC), task=row["task"],
-                                  batch_size=1, seq_len=8)
+    if "simulate" in row.get("limits", {}):  # an op that needs tensor values: a clear refusal, naming it
+        with pytest.raises(lorakit.LorakitError, match="cannot run on fake tensors"):
+            simulate(family_config(name), lora=lorakit.Lora(**SPEC), task=row["task"], batch_size=1, seq_len=8)
+        return
+    simulation = simulate(family_config(name), lora=lorakit.Lora(**SPEC), task=row["task"], batch_size=1, seq_len=8)
     assert simulation.peak_allocated > 0
 
 

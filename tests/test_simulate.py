@@ -97,8 +97,9 @@ def test_optimizer_state_and_weights_counted_from_shapes():
     buffers = sum(cuda_bytes(b.numel() * b.element_size()) for b in real.buffers())  # rotary frequencies
     assert full.setup_allocated == weights + buffers
     # fused AdamW: exp_avg and exp_avg_sq in the parameter's dtype and a float32 step, per parameter;
-    # beside them the two cuBLAS workspaces and the batch of token ids (labels are the same tensor)
-    state = full.steps[0]["allocated_after"] - full.setup_allocated - 2 * 32 * 2**20 - 512
+    # beside them the two cuBLAS workspaces and the batch: token ids and their labels (a copy, as a collator
+    # makes it), 512 bytes each
+    state = full.steps[0]["allocated_after"] - full.setup_allocated - 2 * 32 * 2**20 - 2 * 512
     assert state == 2 * weights + 512 * len(shapes)
 
 
