@@ -269,8 +269,7 @@ def _run_steps(net: Any, batch: dict, counter: Any, optimizer_name: str, autocas
     optimizer = _optimizer(net, optimizer_name)
     params = [p for p in net.parameters() if p.requires_grad]
     counter.set_phase(0, "inputs")
-    # Real tensors, counted as on the device: a model's own checks on its inputs read their values (how many
-    # image tokens a VLM's prompt holds, which frames SpecAugment masks), which fake tensors do not have.
+    # built before the fake mode (lorakit.batches, small real tensors) and counted as on the device
     inputs = batch
     for value in inputs.values():
         if isinstance(value, torch.Tensor):
