@@ -6,6 +6,13 @@ models. Importing lorakit imports none of peft, bitsandbytes, datasets,
 evaluate or matplotlib: each is imported where it is used.
 """
 
+import logging as _logging
+
+# bitsandbytes logs, on every import on a CPU with AVX-512 BF16, that an optional kernels package is missing;
+# its own CPU code runs instead. Not a problem of the user's: kept out of their output.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+    lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage())
+
 from .errors import (
     AlreadyWrappedError,
     LorakitError,

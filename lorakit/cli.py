@@ -58,7 +58,7 @@ def cmd_compare_parameters(args: argparse.Namespace) -> int:
     result = report(args.model, lora=lora, freeze=freeze, quant=quant, task=args.task, optimizer=args.optimizer,
                     by=args.depth if args.depth is not None else args.by, dtype=args.dtype, batch_size=args.batch_size,
                     seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing, attn=args.attn,
-                    trust_remote_code=args.trust_remote_code)
+                    trust_remote_code=args.trust_remote_code, quant_path=args.quant_path)
     text = FORMATS[args.format](result)
     if args.output:
         write_text_atomic(args.output, text)
@@ -116,12 +116,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
                    if v is not None})
     rows = fit(args.model, limit, seq_len=args.seq_len, lora=lora, attn=args.attn, optimizer=args.optimizer,
                task=args.task, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-               methods=tuple(args.method or ("full", "lora", "qlora")))
+               methods=tuple(args.method or ("full", "lora", "qlora")), quant_path=args.quant_path)
     if args.format == "json":
-        print(json.dumps({"model": args.model, "gpu_memory": limit, "seq_len": args.seq_len, "rows": rows_json(rows)},
-                         indent=2))
+        print(json.dumps({"model": args.model, "gpu_memory": limit, "seq_len": args.seq_len,
+                          "quant_path": args.quant_path, "rows": rows_json(rows)}, indent=2))
     else:
-        sys.stdout.write(render_fit(rows, args.model, limit, args.seq_len))
+        sys.stdout.write(render_fit(rows, args.model, limit, args.seq_len, args.quant_path))
     return 0
 
 
@@ -176,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seq-len", type=int)
     compare.add_argument("--gradient-checkpointing", action="store_true", help="simulate with it on")
     compare.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash"], help="attention kernel")
+    compare.add_argument("--quant-path", default="load", choices=["load", "wrap"], help="how a quantized model gets onto the GPU: load (lorakit.load(quant=...) / from_pretrained: quantized weight by weight while loading) or wrap (wrap(model, quant=...) after a full-precision load)")
     compare.add_argument("--format", default="table", choices=["table", "json", "csv", "markdown"])
     compare.add_argument("--output", help="write to this file (atomically) instead of stdout")
     compare.add_argument("--plot", help="also draw a bar chart to FILE.png or FILE.svg (needs matplotlib)")
@@ -213,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit_cmd.add_argument("--lora-alpha", type=float)
     fit_cmd.add_argument("--lora-targets", help="default: the family preset's")
     fit_cmd.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash"])
+    fit_cmd.add_argument("--quant-path", default="load", choices=["load", "wrap"], help="how a quantized model gets onto the GPU: load (lorakit.load(quant=...) / from_pretrained: quantized weight by weight while loading) or wrap (wrap(model, quant=...) after a full-precision load)")
     fit_cmd.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
     fit_cmd.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     fit_cmd.add_argument("--method", action="append", choices=["full", "lora", "qlora"],

@@ -53,15 +53,16 @@ class FitRow:
 def fit(model: Any, gpu_memory: int | str, *, seq_len: int = 2048, lora: Lora | None = None,
         quant: Quant | None = None, attn: str = "sdpa", optimizer: str = "adamw", task: str | None = None,
         dtype: str | None = None, trust_remote_code: bool = False, methods: tuple = METHODS,
-        checkpointing: tuple = (False, True)) -> list[FitRow]:
-    """Full fine-tuning, LoRA and QLoRA (4-bit), each without and with gradient checkpointing."""
+        checkpointing: tuple = (False, True), quant_path: str = "load") -> list[FitRow]:
+    """Full fine-tuning, LoRA and QLoRA (4-bit), each without and with gradient checkpointing. QLoRA's model
+    is loaded as `quant_path` says (see `simulate`): by default quantized while it loads."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise LorakitError(f"unknown method {unknown[0]!r}", hint=f"use {', '.join(METHODS)}")
     limit = parse_memory(gpu_memory) if isinstance(gpu_memory, str) else int(gpu_memory)
     lora = lora or Lora(r=16, targets="all-linear")
     quant = quant or Quant(bits=4, compute_dtype="bfloat16")
-    specs = {"full": {}, "lora": {"lora": lora}, "qlora": {"lora": lora, "quant": quant}}
+    specs = {"full": {}, "lora": {"lora": lora}, "qlora": {"lora": lora, "quant": quant, "quant_path": quant_path}}
     rows = []
     for method in methods:
         for on in checkpointing:
@@ -107,10 +108,15 @@ def _row(method: str, checkpointing: bool, run: Any, limit: int) -> FitRow:
     return row
 
 
-def render_fit(rows: list[FitRow], model: str, gpu_memory: int, seq_len: int) -> str:
+def render_fit(rows: list[FitRow], model: str, gpu_memory: int, seq_len: int, quant_path: str = "load") -> str:
     gib = 2**30
+    loaded = {"load": "quantized while it loads (lorakit.load(quant=...))",
+              "wrap": "quantized on the GPU after a full-precision load (wrap(model, quant=...))"}[quant_path]
     lines = [f"{model} on a GPU with {gpu_memory / gib:.1f} GiB, sequence {seq_len} "
-             "(device memory = simulated reserved + CUDA context)",
+             "(device memory = simulated reserved + CUDA context)"]
+    if any(r.method == "qlora" for r in rows):
+        lines.append(f"QLoRA's model: {loaded}")
+    lines += [
              f"{'method':8s} {'checkpointing':13s} {'batch 1':>10s} {'fits':>5s} {'largest batch':>14s} {'at':>10s}"]
     for r in rows:
         at = f"{r.device_bytes_largest / gib:.2f} GiB" if r.device_bytes_largest else "-"

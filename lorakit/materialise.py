@@ -15,28 +15,34 @@ from __future__ import annotations
 from typing import Any
 
 
-def materialise(net: Any, loaded_dtype: Any = None) -> None:
+QUANT_PATHS = ("load", "wrap")
+
+
+def materialise(net: Any, loaded_dtype: Any = None, quant_path: str = "load") -> None:
     """Replace every meta parameter and buffer of `net` by a fake one, in place (call under FakeTensorMode).
 
-    `loaded_dtype`, for a quantized model: replay how it got there on a GPU, for the caching allocator's
-    sake: every weight first lives in that dtype (the model as built or loaded), then each is quantized
-    or upcast to its final form and the original freed. The freed segments stay reserved.
+    `loaded_dtype`, for a quantized model: replay how it got onto the GPU, for the caching allocator's sake.
+    quant_path "load" (`lorakit.load(quant=...)`, `from_pretrained(quantization_config=...)`): transformers
+    quantizes weight by weight as it loads them, so one weight at a time lives in that dtype before it is
+    quantized (or upcast) and freed. "wrap" (`wrap(model, quant=...)` on a model already on the GPU): every
+    weight lives in that dtype first, then each is quantized or upcast and the original freed. Freed
+    segments stay reserved either way.
     """
     import torch
 
-    originals: dict[int, Any] = {}
-    if loaded_dtype is not None:
-        for param in net.parameters():
-            if id(param) not in originals and (param.is_floating_point() or hasattr(param, "quant_type")):
-                originals[id(param)] = torch.empty(param.shape, dtype=loaded_dtype)
+    def original(param: Any) -> Any:
+        if loaded_dtype is not None and (param.is_floating_point() or hasattr(param, "quant_type")):
+            return torch.empty(param.shape, dtype=loaded_dtype)
+        return None
+
+    whole = {id(p): original(p) for p in net.parameters()} if quant_path == "wrap" else {}
     done: dict[int, Any] = {}  # tied parameters stay tied
     for module in net.modules():
         for name, param in list(module._parameters.items()):
             if param is None:
                 continue
             if id(param) not in done:
-                done[id(param)] = _fake_parameter(param, originals.get(id(param)))
-                originals.pop(id(param), None)
+                done[id(param)] = _fake_parameter(param, whole.pop(id(param)) if whole else original(param))
             module._parameters[name] = done[id(param)]
         for name, buffer in list(module._buffers.items()):
             if buffer is not None and buffer.is_meta:
@@ -45,7 +51,6 @@ def materialise(net: Any, loaded_dtype: Any = None) -> None:
                 module._buffers[name] = done[id(buffer)]
         if hasattr(module, "quant_state") and getattr(module, "weight", None) is not None:
             module.quant_state = getattr(module.weight, "quant_state", None)
-    originals.clear()
 
 
 def prepare_bitsandbytes(net: Any) -> None:

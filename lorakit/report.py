@@ -134,7 +134,7 @@ def report(model_or_config: Any, *, lora: Lora | dict | int | None = None, freez
            quant: Quant | str | None = None, task: str | None = None, optimizer: str = "adamw",
            by: str | int = "layer", dtype: str | None = None, preset: str | None = None,
            batch_size: int | None = None, seq_len: int | None = None, gradient_checkpointing: bool = False,
-           attn: str = "sdpa", trust_remote_code: bool = False) -> Report:
+           attn: str = "sdpa", trust_remote_code: bool = False, quant_path: str = "load") -> Report:
     """Per-layer trainable parameters and training memory, against full fine-tuning.
 
     `model_or_config`: a model in memory (wrapped by lorakit or not), a
@@ -142,8 +142,8 @@ def report(model_or_config: Any, *, lora: Lora | dict | int | None = None, freez
     and built on the meta device: no weights, no network for bundled names).
     `by`: "layer" (embeddings, each block, head, other), a number N (the first N
     parts of module names), or "kind" (Linear, Embedding, Norm, Conv).
-    `batch_size` and `seq_len` (with `gradient_checkpointing`, `attn`): also count peak training memory by
-    simulating two training steps on fake tensors (`lorakit.simulate`); `Report.simulation` holds it.
+    `batch_size` and `seq_len` (with `gradient_checkpointing`, `attn`, `quant_path`): also count peak training
+    memory by simulating two training steps on fake tensors (`lorakit.simulate`); `Report.simulation` holds it.
     """
     lora, freeze, quant = Lora.coerce(lora), Freeze.coerce(freeze), Quant.coerce(quant)
     if optimizer not in OPTIMIZERS:
@@ -176,7 +176,8 @@ def report(model_or_config: Any, *, lora: Lora | dict | int | None = None, freez
         sim = simulate(base if in_memory else base.config, lora=plan.lora, freeze=plan.freeze, quant=plan.quant,
                        preset=plan.preset, task=plan.task, dtype=None if in_memory else result.dtype,
                        optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
-                       gradient_checkpointing=gradient_checkpointing, attn=attn, trust_remote_code=trust_remote_code)
+                       gradient_checkpointing=gradient_checkpointing, attn=attn, trust_remote_code=trust_remote_code,
+                       quant_path=quant_path)
         result.simulation = sim
         result.activation_bytes = sim.breakdown["activations"]
         result.activation_note = (f"saved at the simulated peak of {sim.peak_allocated / 2**30:.2f} GiB allocated "

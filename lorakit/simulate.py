@@ -34,7 +34,7 @@ from typing import Any
 
 from .allocator import CachingAllocator
 from .errors import LorakitError, SpecError
-from .materialise import materialise, prepare_bitsandbytes, state_tensors
+from .materialise import QUANT_PATHS, materialise, prepare_bitsandbytes, state_tensors
 from .batches import sample_batch
 from .load import auto_class, check_task, resolve_config, task_from_config
 from .plan import check_init, model_task
@@ -78,10 +78,15 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
              quant: Quant | str | None = None, task: str | None = None, dtype: str | None = None,
              autocast: str | None = "bfloat16", attn: str = "sdpa", batch_size: int = 1, seq_len: int = 512,
              gradient_checkpointing: bool = False, optimizer: str = "adamw", steps: int = 2,
-             preset: str | None = None, trust_remote_code: bool = False, real: bool = False) -> Simulation:
+             preset: str | None = None, trust_remote_code: bool = False, real: bool = False,
+             quant_path: str = "load") -> Simulation:
     """Simulate `steps` training steps of `model` (a config, a name `lorakit.load` accepts, or a transformers
     model in memory, rebuilt from its config and class) with the spec applied, on fake tensors.
 
+    `quant_path`, with `quant`: how the quantized model got onto the GPU, which decides what the caching
+    allocator keeps reserved. "load": `lorakit.load(path, quant=...)` or `from_pretrained(quantization_config=
+    ...)`, which quantize weight by weight while loading; "wrap": `wrap(model, quant=...)` on a model that was
+    on the GPU in full precision first.
     `real=True` runs the identical steps on real CPU tensors (small models only): the tests' reference.
     """
     import torch
@@ -90,6 +95,8 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
     from .counting import LiveBytes, cuda_kernels
 
     check_settings(batch_size, seq_len, attn, optimizer, autocast, steps)
+    if quant_path not in QUANT_PATHS:
+        raise SpecError(f"unknown quant_path {quant_path!r}", hint=f"use one of {', '.join(QUANT_PATHS)}")
     lora, freeze, quant = Lora.coerce(lora), Freeze.coerce(freeze), Quant.coerce(quant)
     if lora is not None and lora.init != "default":  # how adapters start costs no memory in a training step
         check_init(lora, quant)
@@ -114,13 +121,13 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
     if not any(p.requires_grad for p in net.parameters()):
         raise SpecError("nothing in this model is trainable", hint="give a LoRA spec or a freeze spec")
     if gradient_checkpointing:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint(net)
     net.train()
     prepare_bitsandbytes(net)
     with _maybe(fake):
         with counter:
             if fake is not None:
-                materialise(net, loaded_dtype=dtype if quant is not None else None)
+                materialise(net, loaded_dtype=dtype if quant is not None else None, quant_path=quant_path)
             for tensor in state_tensors(net):
                 counter.track(tensor)
             setup = counter.live
@@ -131,7 +138,7 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
                            batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
                            optimizer=optimizer, steps=steps, real=real,
                            lora=asdict(lora) if lora else None, freeze=asdict(freeze) if freeze else None,
-                           quant=asdict(quant) if quant else None)
+                           quant=asdict(quant) if quant else None, quant_path=quant_path if quant else None)
     result.warnings, result.seconds = notes, time.perf_counter() - started
     return result
 
@@ -206,6 +213,18 @@ def _config_dtype(config: Any) -> Any:
     if isinstance(value, str):
         value = getattr(torch, value, None)
     return value if value in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def checkpoint(net: Any) -> None:
+    """Gradient checkpointing as LoraTrainer turns it on (non-reentrant), through transformers 5's
+    activation_checkpointing_enable; the cache off, as transformers itself switches it off for it."""
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    base.config.use_cache = False
+    enable = getattr(base, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers before 5.2x
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _without_layerdrop(config: Any) -> tuple[Any, list[str]]:
