@@ -21,7 +21,7 @@ from .names import base_name
 from .report import report
 from .specs import REWRITES_BASE
 from .state import fingerprint, state_of
-from .wrap import quiet_peft
+from .wrap import quiet_peft, written_by_lorakit
 
 FORMAT = "lorakit-adapter/2"
 MANIFEST = "lorakit_manifest.json"
@@ -191,12 +191,12 @@ def load_adapter(model: Any, folder: str | Path, *, is_trainable: bool = False) 
     (a `peft.PeftModel` for a LoRA adapter)."""
     folder = Path(folder)
     refuse_pickled(folder)
-    verify(folder, model)
+    manifest = verify(folder, model)
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
         from safetensors import safe_open
 
-        with quiet_peft():
+        with quiet_peft(as_written=written_by_lorakit(saved_plan(manifest))):
             model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
         with safe_open(str(folder / "adapter_model.safetensors"), "pt") as handle:
             saved = set(handle.keys())

@@ -35,6 +35,10 @@ class TargetError(LorakitError, KeyError):
         return Exception.__str__(self)
 
 
+class NothingSelectedError(TargetError):
+    """A LoRA spec whose targets select no module of this model."""
+
+
 class QuantizationError(LorakitError, RuntimeError):
     """Quantization cannot be applied (bitsandbytes missing, already quantized)."""
 

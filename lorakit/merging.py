@@ -130,8 +130,11 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
         task_config = _task_config(loaded[0], base_config)
         meta = build_from_config(task_config, meta=True)
         if streamable and not names_line_up(base_dir, meta, loaded[0]):
-            # The checkpoint uses names transformers renames on load (e.g. ViT's legacy
-            # attention.attention.query): only from_pretrained can read it.
+            # The checkpoint stores tensors that transformers builds on load in ways the stream does not follow
+            # (e.g. transposed experts): only from_pretrained can read it.
+            if stream is True:
+                raise SpecError("this merge cannot be streamed: the base checkpoint stores some weights in a layout "
+                                "transformers converts while loading", hint="drop stream=True (--stream)")
             streamable = False
         if into == "dequantized" and not streamable:
             raise SpecError("--into dequantized needs the streamed path", hint="merge one adapter at a time")
@@ -172,6 +175,10 @@ def _base_from_manifest(adapter: dict) -> str:
 
 def _check_compatible(loaded: list[dict]) -> None:
     first = loaded[0]
+    if len(loaded) > 1 and any(a["config"].get("target_parameters") for a in loaded):
+        raise SpecError("peft's add_weighted_adapter cannot combine adapters of MoE expert tensors "
+                        "(target_parameters)", hint="merge one adapter, then merge the next into that output: "
+                                                    "the sum of their updates")
     for other in loaded[1:]:
         fa = ((first["manifest"] or {}).get("base") or {}).get("fingerprint")
         fb = ((other["manifest"] or {}).get("base") or {}).get("fingerprint")

@@ -14,6 +14,7 @@ here, so a refused spec never leaves a model half-changed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +24,8 @@ from .names import (adaptable_kind, is_norm, outermost, output_embedding_names, 
                     task_of_class, under)
 from .specs import REWRITES_BASE, Freeze, Lora, Quant, spec_dict
 from .state import is_quantized, source_of
-from .targeting import all_linear, candidates, did_you_mean, in_blocks, pattern_value, resolve_targets
+from .targeting import (candidates, did_you_mean, in_blocks, left_out, parameter_target_rules, pattern_value,
+                        resolve_targets, tied_layers)
 from .zoo import Preset, block_of, find_block_lists, preset_for, ruled_modules
 
 
@@ -218,85 +220,27 @@ def _resolved(lora: Lora, preset: Preset) -> tuple[Lora, list[tuple[str, Any, st
                       ("lora.dropout", dropout, dropout_source), ("lora.targets", targets, targets_source)]
 
 
-def _tied(model: Any) -> dict[str, str]:
-    """Layers whose weight another layer shares (Zamba's shared transformer block; an embedding tied to the
-    output layer): one weight used in two places cannot take two adapters, nor have one folded in alone."""
-    users: dict[int, list[str]] = {}
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if name and adaptable_kind(module) and weight is not None:
-            users.setdefault(id(weight), []).append(name)
-    return {name: "its weight is shared with another layer (tied): a weight used in two places cannot take "
-                  "separate adapters, nor be merged with one" for names in users.values() if len(names) > 1
-            for name in names}
+def _is_tensor(model: Any, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+        return False
+    except AttributeError:
+        return True
 
 
 def _target(model: Any, name: str, kind: str, lora: Lora) -> Target:
     """A target with its rank and alpha: peft's rank/alpha pattern first, then Lora.expert_rank for experts."""
     r = pattern_value(name, lora.rank_pattern, None)
     alpha = pattern_value(name, lora.alpha_pattern, None)
-    parameter = kind == "Experts" or (kind == "Router" and name.endswith(".weight"))
+    parameter = _is_tensor(model, name)  # not a layer: peft adapts it through target_parameters
     owner = model.get_submodule(name.rpartition(".")[0]) if parameter else None
     if r is None and kind == "Experts" and lora.expert_rank is not None:
         experts = model.get_parameter(name).shape[0]
         r = max(1, lora.r // experts) if lora.expert_rank == "split" else lora.expert_rank
-        alpha = alpha if alpha is not None else lora.alpha * r / lora.r  # the same scaling alpha/r as the rest
+        if alpha is None:  # the same scaling as the other targets: alpha/r, or alpha/sqrt(r) with rsLoRA
+            alpha = lora.alpha * (math.sqrt(r / lora.r) if lora.use_rslora else r / lora.r)
     return Target(name, kind, r if r is not None else lora.r, alpha if alpha is not None else lora.alpha,
                   parameter=parameter, transposed=bool(getattr(owner, "is_transposed", False)))
-
-
-def _parameter_targets_checked(lora: Lora, defaults: list, targets: list[Target]) -> tuple[Lora, list]:
-    """peft adapts expert tensors and routers in place (its ParamWrapper), which takes no dropout and no DoRA:
-    a dropout the user did not choose becomes 0, and the Plan says so; one the user chose is refused."""
-    parameters = [t for t in targets if t.parameter]
-    if not parameters:
-        return lora, defaults
-    if lora.use_dora:
-        raise SpecError(f"Lora(use_dora=True) cannot adapt {parameters[0].name}: peft has no DoRA for MoE expert "
-                        "tensors or routers", hint="drop use_dora, or leave the experts out of Lora.targets")
-    source = dict((k, s) for k, _, s in defaults)["lora.dropout"]
-    if lora.dropout:
-        if source == "Lora.dropout":
-            raise SpecError(f"Lora.dropout={lora.dropout} cannot apply to {parameters[0].name}: peft adapts MoE "
-                            "expert tensors and routers in place (ParamWrapper), with no dropout",
-                            hint="set dropout=0, or leave the experts out of Lora.targets")
-        defaults = [d if d[0] != "lora.dropout" else ("lora.dropout", 0.0, f"0, not {lora.dropout} ({source}): peft's "
-                    "ParamWrapper, which adapts the expert tensors, has no dropout") for d in defaults]
-        lora = dataclasses.replace(lora, dropout=0.0)
-    return lora, defaults
-
-
-def _left_out(model: Any, found: dict, preset: Preset, block_lists: list[str], lora: Lora, targets: list[Target],
-              excluded: set[str], refused: dict[str, str]) -> list[tuple[str, str]]:
-    """What the LoRA spec could have adapted but did not, where that is a decision worth stating: routers,
-    the preset's groups it leaves out by default, the Linear layers outside the blocks that all-linear
-    skips (peft's all-linear takes them), what cannot take LoRA (and why), and the weights inside the blocks
-    that are no layer lorakit adapts (XLNet's attention tensors, a 1D convolution, DBRX's 2D experts)."""
-    chosen = {t.name for t in targets}
-    wanted = [lora.targets] if isinstance(lora.targets, str) else list(lora.targets)
-    why: dict[str, str] = {}
-    if "all-linear" in wanted:
-        inside = all_linear(found, block_lists, excluded)
-        for name, (kind, _) in found.items():
-            if kind in ("Linear", "Conv1D") and name not in inside and not under(name, excluded):
-                why[name] = ("outside the repeated blocks: lorakit's all-linear adapts the blocks (peft's would take "
-                             "this too); name it in Lora.targets to adapt it, or in Lora.train_fully to train it")
-    for group, reason in (preset.left_out or {}).items():
-        if group not in wanted:
-            for name, (kind, rel) in found.items():
-                if preset.group_matches(group, rel if block_of(name, block_lists) else None, name):
-                    why.setdefault(name, reason)
-    why.update(refused)
-    for name, (kind, _) in found.items():
-        if kind == "Router":
-            why[name] = "MoE router: adapted only when named (Lora.targets=[..., \"router\"])"
-    for name, module in model.named_modules():
-        weights = [p for p, v in module.named_parameters(recurse=False) if v.dim() >= 2 and v.is_floating_point()
-                   and f"{name}.{p}" not in found]
-        if weights and name not in found and block_of(name, block_lists) and not is_norm(module):
-            why.setdefault(name, f"a {type(module).__name__} keeps its weights as tensors ({', '.join(weights)}), "
-                                 "not in a layer lorakit adapts (Linear, Conv1D, Conv2d, Embedding, MoE experts)")
-    return sorted((n, w) for n, w in why.items() if n not in chosen and not under(n, excluded))
 
 
 def _check_full_names(model: Any, full: list[str], targets: list[str]) -> None:
@@ -356,12 +300,12 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
         lora, defaults = _resolved(lora, chosen)
         found = candidates(model, block_lists)
         refused = {n: rule.reason for n, rule in ruled_modules(model).items() if not rule.lora}
-        refused.update({n: why for n, why in _tied(model).items() if n in found})
+        refused.update({n: why for n, why in tied_layers(model).items() if n in found})
         targets = [_target(model, name, found[name][0], lora)
                    for name in resolve_targets(model, lora, chosen, block_lists, full, lora.targets, refused)]
-        lora, defaults = _parameter_targets_checked(lora, defaults, targets)
+        lora, defaults = parameter_target_rules(lora, defaults, targets)
         skipped += [(n, "trained in full") for n in full]
-        skipped += _left_out(model, found, chosen, block_lists, lora, targets,
+        skipped += left_out(model, found, chosen, block_lists, lora, targets,
                              set(full) | output_embedding_names(model), refused)
         _check_full_names(model, full, [t.name for t in targets])
         other = [t for t in targets if t.kind not in ("Linear", "Conv1D")]
@@ -371,7 +315,9 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
     if lora and "learning_rate" in chosen.recommended:  # a LoRA rate: not for full or head-only training
         defaults.append(("learning_rate", chosen.recommended["learning_rate"], f"preset {chosen.name}"))
     trainable = _trainable(model, freeze, chosen, lora, full, block_lists)
-    adapted = {t.name for t in targets}  # peft freezes what it wraps (its base_layer), whatever the freeze spec says
+    # peft freezes what it wraps (its base_layer), whatever the freeze spec says: a target module, or the whole
+    # module holding a target tensor (an MoE layer's experts, biases included)
+    adapted = {t.name.rpartition(".")[0] if t.parameter else t.name for t in targets}
     trainable = {n: t and not under(n.rpartition(".")[0], adapted) for n, t in trainable.items()}
     quantized: list[str] = []
     quant_skips: dict[str, str] = {}

@@ -152,12 +152,14 @@ def _targets_text(preset: Any) -> str:
 def architecture_table() -> str:
     """Markdown: every family of adapters_zoo/architectures.toml, with its preset, its default LoRA targets and
     what it does not support (each row passes tests/test_architectures.py; a limit is tested as a limit)."""
-    lines = ["| family | model_type | group | task | preset | default LoRA targets | 4-bit | memory simulator |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| family | model_type | group | task | preset | default LoRA targets | 4-bit | memory simulator | notes |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in architectures():
         preset, limits = preset_for_type(row["model_type"]), row.get("limits", {})
+        notes = "; ".join(f"{check}: {why}" for check, why in limits.items() if check not in ("quant", "simulate"))
         lines.append(f"| {row['name']} | `{row['model_type']}` | {row['group']} | {row['task']} | {preset.name} | "
-                     f"{_targets_text(preset)} | {limits.get('quant', 'yes')} | {limits.get('simulate', 'yes')} |")
+                     f"{_targets_text(preset)} | {limits.get('quant', 'yes')} | {limits.get('simulate', 'yes')} | "
+                     f"{notes} |")
     return "\n".join(lines) + "\n"
 
 

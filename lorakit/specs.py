@@ -110,8 +110,9 @@ class Lora:
     rank_pattern: dict[str, int] = _help("per-module rank, peft's rank_pattern (regex or suffix -> r)",
                                          default_factory=dict)
     expert_rank: int | str | None = _help(
-        'rank of each expert\'s adapter on fused MoE expert tensors: a number, or "split" for r // num_experts '
-        "(the tensor's adapters then hold about as many parameters as one rank-r adapter); default: r",
+        'rank of each expert\'s adapter on fused MoE expert tensors: a number, or "split" for r // num_experts, '
+        "at least 1 (with no more experts than r, the tensor's adapters then hold about as many parameters as one "
+        "rank-r adapter); alpha follows, keeping the scaling; default: r",
         default=None)
     alpha_pattern: dict[str, float] = _help("per-module alpha, peft's alpha_pattern", default_factory=dict)
     use_rslora: bool = _help("rank-stabilised scaling alpha/sqrt(r) (peft use_rslora)", default=False)

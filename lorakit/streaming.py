@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,6 @@ class CheckpointNames:
         """(task-model name or None, piece): piece is (expert, part, parts) for a per-expert weight that is
         rows part/parts of expert `expert` in the fused tensor, "unsupported" for one that other operations
         (e.g. a transpose) build, None for a tensor stored as the model holds it."""
-        import re
-
         from transformers.core_model_loading import rename_source_key
 
         name, pattern = rename_source_key(key, self.renamings, self.converters, self.prefix or None,
@@ -88,6 +87,8 @@ class CheckpointNames:
         converter = next(c for c in self.converters if pattern in c.source_patterns)
         steps = [(type(op).__name__, getattr(op, "dim", None)) for op in getattr(converter, "operations", [])]
         match = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+        # stacking Linear weights (out, in) along a new first dimension, then joining them along rows, gives
+        # (experts, out, in): anything else (a transpose into (experts, in, out)) is left to from_pretrained
         if steps not in ([("MergeModulelist", 0)], [("MergeModulelist", 0), ("Concatenate", 1)]) or not match:
             return name, "unsupported"
         return name, (int(match.group(1)), converter.source_patterns.index(pattern), len(converter.source_patterns))
@@ -174,7 +175,7 @@ def merge_streamed(base_dir: Path, adapter: dict, staging: Path, meta: Any, task
                     experts = meta.get_parameter(name).shape[0]
                     rank = lora[module]["lora_A"].shape[0] // experts
                     delta = _expert_delta(lora[module], experts, expert, _scale(adapter["config"], name, rank),
-                                          False)
+                                          False)  # stacked Linear weights: (E, out, in); see CheckpointNames.map
                     rows = tensor.shape[0]
                     if delta.shape != (rows * parts, tensor.shape[1]):
                         raise LorakitError(f"adapter of {name} has shape {tuple(delta.shape)} per expert but the "

@@ -6,14 +6,18 @@ classes, never change anything, and raise `TargetError` / `SpecError` naming wha
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .errors import SpecError, TargetError, closest
-from .names import adaptable_kind, is_router, output_embedding_names, parameter_targets, suffix_match, under
+from .errors import NothingSelectedError, SpecError, TargetError, closest
+from .names import adaptable_kind, is_norm, is_router, output_embedding_names, parameter_targets, suffix_match, under
 from .specs import Lora, resolve_blocks
 from .zoo import Preset, block_of
+
+if TYPE_CHECKING:
+    from .plan import Target
 
 
 def did_you_mean(wanted: str, names: Any) -> str:
@@ -62,10 +66,7 @@ def resolve_targets(model: Any, lora: Lora, preset: Preset, block_lists: list[st
     excluded = set(full) | output | set(refused)
     chosen: set[str] = set()
     for entry in [wanted] if isinstance(wanted, str) else wanted:
-        named = next((n for n in refused if n == entry or suffix_match(n, entry)), None)
-        if named is not None and entry not in ("all-linear", *preset.groups, *KIND_GROUPS):
-            raise TargetError(f"target {entry!r} cannot take LoRA in this model: {refused[named]} ({named})",
-                              hint="leave it out of Lora.targets; all-linear does")
+        selection = entry in ("all-linear", *preset.groups, *KIND_GROUPS)
         if entry == "all-linear":
             hits = all_linear(found, block_lists, excluded)
         elif entry in preset.groups:  # layers, not embeddings; routers only when named
@@ -88,7 +89,11 @@ def resolve_targets(model: Any, lora: Lora, preset: Preset, block_lists: list[st
                 raise TargetError(f"no LoRA-able module matches target {entry!r}",
                                   hint=(f"closest: {', '.join(near)}; " if near else "") + "modules that exist: "
                                   f"{', '.join(suffixes[:12])}{' ...' if len(suffixes) > 12 else ''}")
-        clash = sorted(n for n in hits if under(n, excluded) and n not in output)
+        named = sorted(n for n in hits if n in refused)
+        if named and (not selection or set(named) == hits):  # else a selection leaves them out, said in skipped
+            raise TargetError(f"target {entry!r} cannot take LoRA on {named[0]}: {refused[named[0]]}",
+                              hint="leave it out of Lora.targets; all-linear does")
+        clash = sorted(n for n in hits if under(n, full))
         if clash and entry != "all-linear":
             raise SpecError(f"target {entry!r} hits {', '.join(clash)}, which is trained in full",
                             hint="drop it from Lora.targets; heads are trained in full and saved with the adapter")
@@ -96,8 +101,9 @@ def resolve_targets(model: Any, lora: Lora, preset: Preset, block_lists: list[st
     if lora.layers is not None:
         chosen = in_blocks(model, chosen, lora.layers, block_lists, "Lora.layers")
     if not chosen:
-        raise TargetError("this LoRA spec selects no module",
-                          hint="widen Lora.targets or Lora.layers; lorakit.targets(model) lists the candidates")
+        raise NothingSelectedError("this LoRA spec selects no module",
+                                   hint="widen Lora.targets or Lora.layers; lorakit.targets(model) lists the "
+                                        "candidates")
     return sorted(chosen)
 
 
@@ -124,3 +130,79 @@ def pattern_value(name: str, mapping: dict, default: Any) -> Any:
         if re.match(rf"(.*\.)?({key})$", name):
             return value
     return default
+
+
+def tied_layers(model: Any) -> dict[str, str]:
+    """Layers whose weight another layer shares (Zamba's shared transformer block; an embedding tied to the
+    output layer): one weight used in two places cannot take two adapters, nor have one folded in alone."""
+    users: dict[int, list[str]] = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if name and adaptable_kind(module) and weight is not None:
+            users.setdefault(id(weight), []).append(name)
+    output = output_embedding_names(model)
+    why = {}
+    for names in (n for n in users.values() if len(n) > 1):
+        for name in names:
+            why[name] = ("its weight is tied to the output layer: merged, an adapter on it would change the output "
+                         "layer too (untie them first: tie_word_embeddings=False and a copy of the weight)"
+                         if output & set(names) else "its weight is shared with another layer (tied): a weight "
+                         "used in two places cannot take separate adapters, nor be merged with one")
+    return why
+
+
+def parameter_target_rules(lora: Lora, defaults: list, targets: list[Target]) -> tuple[Lora, list]:
+    """peft adapts expert tensors and routers in place (its ParamWrapper), which takes no dropout and no DoRA:
+    a dropout the user did not choose becomes 0, and the Plan says so; one the user chose is refused."""
+    parameters = [t for t in targets if t.parameter]
+    if lora.expert_rank is not None and not any(t.kind == "Experts" for t in targets):
+        raise SpecError("Lora.expert_rank sets the rank of fused MoE expert tensors, and this spec targets none",
+                        hint='drop expert_rank, or target the experts (targets="all-linear" or ["experts"])')
+    if not parameters:
+        return lora, defaults
+    if lora.use_dora:
+        raise SpecError(f"Lora(use_dora=True) cannot adapt {parameters[0].name}: peft has no DoRA for MoE expert "
+                        "tensors or routers", hint="drop use_dora, or leave the experts out of Lora.targets")
+    source = dict((k, s) for k, _, s in defaults)["lora.dropout"]
+    if lora.dropout:
+        if source == "Lora.dropout":
+            raise SpecError(f"Lora.dropout={lora.dropout} cannot apply to {parameters[0].name}: peft adapts MoE "
+                            "expert tensors and routers in place (ParamWrapper), with no dropout",
+                            hint="set dropout=0, or leave the experts out of Lora.targets")
+        defaults = [d if d[0] != "lora.dropout" else ("lora.dropout", 0.0, f"0, not {lora.dropout} ({source}): peft's "
+                    "ParamWrapper, which adapts the expert tensors, has no dropout") for d in defaults]
+        lora = dataclasses.replace(lora, dropout=0.0)
+    return lora, defaults
+
+
+def left_out(model: Any, found: dict, preset: Preset, block_lists: list[str], lora: Lora, targets: list[Target],
+              excluded: set[str], refused: dict[str, str]) -> list[tuple[str, str]]:
+    """What the LoRA spec could have adapted but did not, where that is a decision worth stating: routers,
+    the preset's groups it leaves out by default, the Linear layers outside the blocks that all-linear
+    skips (peft's all-linear takes them), what cannot take LoRA (and why), and the weights inside the blocks
+    that are no layer lorakit adapts (XLNet's attention tensors, a 1D convolution, DBRX's 2D experts)."""
+    chosen = {t.name for t in targets}
+    wanted = [lora.targets] if isinstance(lora.targets, str) else list(lora.targets)
+    why: dict[str, str] = {}
+    if "all-linear" in wanted:
+        inside = all_linear(found, block_lists, excluded)
+        for name, (kind, _) in found.items():
+            if kind in ("Linear", "Conv1D") and name not in inside and not under(name, excluded):
+                why[name] = ("outside the repeated blocks: lorakit's all-linear adapts the blocks (peft's would take "
+                             "this too); name it in Lora.targets to adapt it, or in Lora.train_fully to train it")
+    for group, reason in (preset.left_out or {}).items():
+        if group not in wanted:
+            for name, (kind, rel) in found.items():
+                if preset.group_matches(group, rel if block_of(name, block_lists) else None, name):
+                    why.setdefault(name, reason)
+    why.update(refused)
+    for name, (kind, _) in found.items():
+        if kind == "Router":
+            why[name] = "MoE router: adapted only when named (Lora.targets=[..., \"router\"])"
+    for name, module in model.named_modules():
+        weights = [p for p, v in module.named_parameters(recurse=False) if v.dim() >= 2 and v.is_floating_point()
+                   and f"{name}.{p}" not in found]
+        if weights and name not in found and block_of(name, block_lists) and not is_norm(module):
+            why.setdefault(name, f"a {type(module).__name__} keeps its weights as tensors ({', '.join(weights)}), "
+                                 "not in a layer lorakit adapts (Linear, Conv1D, Conv2d, Embedding, MoE experts)")
+    return sorted((n, w) for n, w in why.items() if n not in chosen and not under(n, excluded))

@@ -27,6 +27,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 from .adapter import load_trained, save_extras, verify
 from .files import atomic_path
 from .checkpoints import TRASH, rotate, seal, verify_checkpoint
+from .data import VisionChatCollator
 from .errors import LorakitError
 from .fit import memory_check_callback
 from .plan import model_task
@@ -149,7 +150,7 @@ class LoraTrainer(Trainer):
         """Trainer keeps only the columns the model's forward takes; a vision-language row's `images` are
         for the collator (`VisionChatCollator`), which turns them into the inputs the forward does take."""
         super()._set_signature_columns_if_needed()
-        if "images" not in self._signature_columns:
+        if isinstance(self.data_collator, VisionChatCollator) and "images" not in self._signature_columns:
             self._signature_columns.append("images")
 
     # ---- before and during training ------------------------------------

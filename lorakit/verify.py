@@ -13,7 +13,7 @@ from .batches import sample_batch
 from .errors import LorakitError, ModelNotFoundError
 from .load import auto_class, load, task_from_config
 from .specs import Quant
-from .wrap import quiet_peft
+from .wrap import quiet_peft, written_by_lorakit
 
 FP32_TOLERANCE = 1e-4
 # A bf16/fp16 merge is checked against base + adapter in fp32 (both run in fp32, the merged weights
@@ -50,11 +50,11 @@ def peft_model(base: Any, loaded: list[dict], task_config: Any, weights: list[fl
                 quant: Any = None) -> Any:
     from peft import PeftModel
 
-    with quiet_peft():
+    with quiet_peft(as_written=all(written_by_lorakit(a["plan"]) for a in loaded)):
         model = PeftModel.from_pretrained(base_model(base, task_config, quant), str(loaded[0]["folder"]),
                                           adapter_name="adapter0")
-    for i, adapter in enumerate(loaded[1:], start=1):
-        model.load_adapter(str(adapter["folder"]), adapter_name=f"adapter{i}")
+        for i, adapter in enumerate(loaded[1:], start=1):
+            model.load_adapter(str(adapter["folder"]), adapter_name=f"adapter{i}")
     if len(loaded) > 1:
         names = [f"adapter{i}" for i in range(len(loaded))]
         kwargs = {"density": 0.5} if method in ("ties", "dare_linear", "dare_ties") else {}
@@ -74,16 +74,20 @@ def sample_inputs(config: Any) -> dict:
     return sample_batch(config, task_from_config(config), seq_len=16, labels=False)
 
 
-def _logits(model: Any, inputs: dict) -> Any:
+def _logits(model: Any, inputs: dict, merged: bool = False) -> Any:
     import torch
 
     try:
         with torch.no_grad():
             out = model(**inputs)
-    except Exception as exc:  # noqa: BLE001 - the model's own forward rejects lorakit's sample batch
+    except Exception as exc:  # noqa: BLE001 - sorted below: lorakit's sample batch, or the merge itself
+        batch = ", ".join(f"{k} {tuple(v.shape)}" for k, v in inputs.items())
+        if merged:  # base + adapter ran on this batch: the merged checkpoint is at fault
+            raise LorakitError(f"merge verification failed: the merged checkpoint does not run on the batch base + "
+                               f"adapter ran on ({batch}): {str(exc).splitlines()[0][:200]}",
+                               hint="nothing was written; report this with the adapter and base") from exc
         raise LorakitError(f"the merge cannot be verified: {type(model).__name__} does not run on lorakit's sample "
-                           f"batch ({', '.join(f'{k} {tuple(v.shape)}' for k, v in inputs.items())}): "
-                           f"{str(exc).splitlines()[0][:200]}",
+                           f"batch ({batch}): {str(exc).splitlines()[0][:200]}",
                            hint="nothing was written; merge with verify=False (--no-verify) and check the merged "
                                 "model on inputs it takes") from None
     return (out.logits if hasattr(out, "logits") else out[0]).float()
@@ -119,7 +123,7 @@ def verify_merged(base: Any, loaded: list[dict], staging: Path, task_config: Any
     # Upcast to fp32: the difference is then what storing the merge in bf16/fp16 costs, not fp32 vs half arithmetic
     merged = auto_class(task_from_config(task_config)).from_pretrained(str(staging), use_safetensors=True,
                                                                        dtype=torch.float32).eval()
-    candidate = _logits(merged, inputs)
+    candidate = _logits(merged, inputs, merged=True)
     difference = float((reference - candidate).abs().max())
     scale = float(reference.abs().max())
     tolerance = HALF_RELATIVE_TOLERANCE[dtype] * scale if half else FP32_TOLERANCE

@@ -13,6 +13,7 @@ import contextlib
 import re
 import shutil
 import tempfile
+import threading
 import warnings
 import weakref
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .accounting import planned_records
-from .errors import AlreadyWrappedError, LorakitError, SpecError, TargetError
+from .errors import AlreadyWrappedError, LorakitError, NothingSelectedError, SpecError
 from .names import peft_role
 from .plan import Plan, make_plan
 from .targeting import candidates
@@ -72,9 +73,7 @@ def targets(model: Any, lora: Lora | dict | None = None, *, preset: str | None =
         grouped.setdefault(kind, {}).setdefault(suffix, []).append(name)
     try:
         plan = make_plan(model, Lora.coerce(lora) or Lora(), preset=preset)
-    except TargetError as exc:  # still list what exists: that is what the user needs to choose from
-        if "selects no module" not in exc.message:
-            raise
+    except NothingSelectedError as exc:  # still list what exists: that is what the user needs to choose from
         return Targets(candidates=grouped, preset=preset_for(model, preset).name,
                        left_out=[("(every candidate)", f"{exc.message}; name some of the modules above")])
     return Targets(candidates=grouped, selected=plan.target_names, trained_in_full=list(plan.trained_in_full),
@@ -101,29 +100,37 @@ def lora_config(plan: Plan) -> Any:
         fan_in_fan_out=any(t.kind == "Conv1D" for t in plan.targets), task_type=_PEFT_TASKS.get(plan.task))
 
 
+def written_by_lorakit(plan: dict) -> bool:
+    """An adapter whose Plan lorakit saved (the manifest's): its config names the model's own modules."""
+    return bool((plan or {}).get("targets"))
+
+
+_PEFT_CALLS = threading.RLock()  # the rewrite below is switched off process-wide: one peft call at a time
+
+
 @contextlib.contextmanager
-def quiet_peft() -> Iterator[None]:
-    """lorakit's own peft calls, applying a config exactly as written.
+def quiet_peft(as_written: bool = True) -> Iterator[None]:
+    """lorakit's own peft calls.
 
     * peft's PeftModel reads transformers' deprecated `is_gradient_checkpointing`, which warns on every wrap;
       that one warning is silenced.
     * peft rewrites the config of some MoE families (DeepSeek-V2/V3, Qwen3-MoE, Mixtral, OLMoE, ...) from
       transformers-v4 module names to v5 ones, so that adapters trained under v4 still load: any target named
-      gate_proj, up_proj, down_proj or gate (w1, w2, w3 on Mixtral) becomes an expert parameter. lorakit's
-      configs name the v5 model's own modules and parameters already, and that rewrite would move the adapters
-      of DeepSeek's dense and shared-expert Linear layers onto the experts (and the router). It is switched
-      off for the duration."""
+      gate_proj, up_proj, down_proj or gate (w1, w2, w3 on Mixtral) becomes an expert parameter. A config
+      lorakit wrote (`as_written`: wrap's, or an adapter with a lorakit Plan) names the v5 model's own modules
+      and parameters already, and the rewrite would move DeepSeek's dense and shared-expert adapters onto the
+      experts: it is switched off for the call. Another adapter keeps peft's rewrite (it may be a v4 one)."""
     from peft.utils import transformers_weight_conversion as conversion
 
-    rewrite = conversion.convert_peft_config_for_transformers
-    conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                    category=FutureWarning)
+    with _PEFT_CALLS, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        rewrite = conversion.convert_peft_config_for_transformers
+        if as_written:
+            conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
+        try:
             yield
-    finally:
-        conversion.convert_peft_config_for_transformers = rewrite
+        finally:
+            conversion.convert_peft_config_for_transformers = rewrite
 
 
 def check_trainable(plan: Plan) -> None:
@@ -171,9 +178,10 @@ def execute(model: Any, plan: Plan) -> Any:
             with quiet_peft():
                 model = get_peft_model(model, lora_config(plan))
         except (ValueError, TypeError, RuntimeError, KeyError, NotImplementedError) as exc:
-            raise SpecError(f"peft could not apply this LoRA spec to {type(model).__name__}: {exc}",
-                            hint="leave the module it names out of Lora.targets (lorakit.targets(model) lists "
-                                 "the candidates)") from None
+            # the Plan was checked, so peft refusing it is a gap in lorakit's rules for this architecture
+            raise LorakitError(f"peft refused the Plan for {type(model).__name__}: {exc}",
+                               hint="leave the module peft names out of Lora.targets for now, and report this to "
+                                    "lorakit with the model's config") from exc
         for name, (lora_a, lora_b) in loftq.items():
             layer = model.base_model.model.get_submodule(name)
             layer.lora_A["default"].weight.data.copy_(lora_a)

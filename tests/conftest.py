@@ -224,3 +224,9 @@ def first_output(out) -> torch.Tensor:
     """The loss when the model computed one, else its first output (logits, hidden states)."""
     loss = getattr(out, "loss", None)
     return loss if loss is not None else (out.logits if hasattr(out, "logits") else out[0]).float().pow(2).mean()
+
+
+def expert_tensors(model) -> set[str]:
+    """transformers 5's fused experts: the 3D parameters of its `*Experts` modules."""
+    return {f"{name}.{param}" for name, module in model.named_modules() if type(module).__name__.endswith("Experts")
+            for param, value in module.named_parameters(recurse=False) if value.dim() == 3}

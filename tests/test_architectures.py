@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, build_family, family_batch, family_config, first_output, look_trained
+from conftest import FAMILIES, build_family, expert_tensors, family_batch, family_config, first_output, look_trained
 
 import lorakit
 from lorakit.adapter import save_extras
@@ -42,12 +42,6 @@ def lora_parameters(model: torch.nn.Module, plan) -> int:
     return total
 
 
-def expert_tensors(model: torch.nn.Module) -> set[str]:
-    """transformers 5's fused experts: the 3D parameters of its `*Experts` modules."""
-    return {f"{name}.{param}" for name, module in model.named_modules() if type(module).__name__.endswith("Experts")
-            for param, value in module.named_parameters(recurse=False) if value.dim() == 3}
-
-
 def peft_all_linear(model: torch.nn.Module) -> set[str]:
     """peft's documented all-linear: every Linear or Conv1D module (subclasses included) but the output layer."""
     from transformers.pytorch_utils import Conv1D
@@ -73,10 +67,9 @@ def test_wrap_trains_what_the_plan_and_the_report_say(name):
     assert trainable == expected == predicted == lorakit.report(wrapped).total.trainable_parameters
     held = lorakit.report(wrapped, by="kind").to_dict()["layers"]
     assert held == lorakit.report(base, lora=lorakit.Lora(**SPEC), by="kind").to_dict()["layers"]  # row by row
-    adapted = {n.removeprefix("base_model.model.").split(".lora_A")[0].replace(".base_layer", "")
-               for n, _ in wrapped.named_parameters() if ".lora_A." in n}
-    planned = {t.name.rpartition(".")[0] if t.parameter else t.name for t in plan.targets}
-    assert adapted == planned
+    tuner = wrapped.base_model  # peft's own record of what it adapted: layers, and tensors (MoE experts)
+    assert set(tuner.targeted_module_names) == {t.name for t in plan.targets if not t.parameter}
+    assert set(tuner.targeted_parameter_names) == {t.name for t in plan.targets if t.parameter}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -104,8 +97,8 @@ def test_a_training_step_reaches_exactly_the_trainable_tensors(name):
     trainable = {n for n, p in wrapped.named_parameters() if p.requires_grad}
     reached = {n for n, p in wrapped.named_parameters() if p.grad is not None}
     assert reached <= trainable
-    if "gradients" not in FAMILIES[name].get("limits", {}):
-        assert reached == trainable
+    # every trainable tensor reached, unless the row's limit says why not (and then the limit must hold)
+    assert (reached == trainable) != ("gradients" in FAMILIES[name].get("limits", {}))
     assert all(torch.isfinite(p.grad).all() for p in wrapped.parameters() if p.grad is not None)
 
 
@@ -156,8 +149,12 @@ def test_the_simulator_runs(name):
         with pytest.raises(lorakit.LorakitError, match="cannot run on fake tensors"):
             simulate(family_config(name), lora=lorakit.Lora(**SPEC), task=row["task"], batch_size=1, seq_len=8)
         return
-    simulation = simulate(family_config(name), lora=lorakit.Lora(**SPEC), task=row["task"], batch_size=1, seq_len=8)
-    assert simulation.peak_allocated > 0
+    # DeBERTa's masks overflow bf16 in a real CPU step under autocast (no fake-tensor matter): compared in fp32
+    settings = dict(lora=lorakit.Lora(**SPEC), task=row["task"], batch_size=1, seq_len=8,
+                    autocast=None if name == "deberta" else "bfloat16")
+    fake = simulate(family_config(name), **settings)
+    real = simulate(family_config(name), real=True, **settings)  # the same steps on real CPU tensors
+    assert abs(fake.peak_allocated / real.peak_allocated - 1) <= 0.02
 
 
 ROOT = Path(__file__).parent.parent

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, build_family, family_batch, first_output, look_trained
+from conftest import FAMILIES, build_family, expert_tensors, family_batch, first_output, look_trained
 
 import lorakit
 from lorakit.adapter import save_extras
 
-MOE = [name for name, row in FAMILIES.items() if row["group"] == "moe decoder"]
+MOE = [name for name, row in FAMILIES.items() if row["group"] == "moe decoder" and expert_tensors(build_family(name))]
 # peft 0.21 rewrites these families' adapter configs from transformers-v4 names when it loads them (see
 # lorakit.wrap.quiet_peft): plain PeftModel.from_pretrained moves DeepSeek's dense and shared-expert adapters
 # onto the experts. lorakit.load_adapter reads them back exactly.
@@ -19,8 +19,7 @@ PEFT_REWRITES = {"deepseek-v2", "deepseek-v3"}
 
 
 def expert_shapes(model) -> dict[str, torch.Size]:
-    return {f"{n}.{p}": v.shape for n, m in model.named_modules() if type(m).__name__.endswith("Experts")
-            for p, v in m.named_parameters(recurse=False) if v.dim() == 3}
+    return {name: model.get_parameter(name).shape for name in expert_tensors(model)}
 
 
 @pytest.mark.parametrize("name", MOE)
@@ -55,8 +54,11 @@ def test_a_dropout_the_user_did_not_choose_becomes_zero_and_the_plan_says_why():
 def test_routers_are_left_out_and_said_so_unless_named(name):
     base = build_family(name)
     plan = lorakit.make_plan(base, lora=lorakit.Lora(r=4))
-    routers = [n for n, why in plan.skipped if "router" in why.lower()]
+    # independently: transformers 5 names its router classes *Router; a router's own Linear (DBRX) or its weight
+    routers = sorted(f"{n}.layer" if hasattr(m, "layer") else f"{n}.weight" for n, m in base.named_modules()
+                     if type(m).__name__.lower().endswith("router"))
     assert routers and not {t.name for t in plan.targets} & set(routers)
+    assert {n for n, why in plan.skipped if "router" in why.lower()} == set(routers)
     named = lorakit.wrap(build_family(name), lora=lorakit.Lora(r=4, targets=["router"]))
     assert {t.name for t in named.lorakit_state.plan.targets} == set(routers)
     look_trained(named, 0.5)
@@ -113,3 +115,37 @@ def test_a_4bit_base_keeps_its_experts_in_full_precision_and_the_report_counts_t
     assert experts.weight_bytes == 4 * frozen + 4 * experts.lora_parameters
     planned = lorakit.report(build_family("qwen3-moe"), lora=lorakit.Lora(r=4), quant="4bit", by="kind")
     assert next(r for r in planned.rows if r.name == "Experts").weight_bytes == experts.weight_bytes
+
+
+def test_a_freeze_spec_beside_expert_adapters_leaves_the_adapted_experts_frozen():
+    spec = dict(lora=lorakit.Lora(r=4), freeze=lorakit.Freeze(first_layers=1))
+    plan = lorakit.make_plan(build_family("qwen3-moe"), **spec)
+    assert not [n for n in plan.trainable if ".experts." in n]  # peft wraps them: they train through adapters
+    wrapped = lorakit.wrap(build_family("qwen3-moe"), **spec)  # wrap checks the count against the Plan
+    free = {n for n, p in wrapped.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert free and not [n for n in free if ".experts." in n]
+    assert free == {"base_model.model." + n for n in plan.trainable}
+
+
+def test_a_weighted_merge_of_expert_adapters_is_refused_clearly(tmp_path):
+    base = tmp_path / "base"
+    build_family("deepseek-v3").save_pretrained(base)
+    folders = []
+    for seed in (1, 2):
+        model = look_trained(lorakit.wrap(lorakit.load(base), lora=lorakit.Lora(r=4)), 0.1, seed=seed)
+        model.save_pretrained(tmp_path / f"a{seed}")
+        save_extras(model, tmp_path / f"a{seed}")
+        folders.append(tmp_path / f"a{seed}")
+    with pytest.raises(lorakit.SpecError, match="cannot combine adapters of MoE expert tensors"):
+        lorakit.merge(base, folders, tmp_path / "merged", method="cat")  # peft's add_weighted_adapter cannot
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe", "mixtral", "gpt-oss", "deepseek-v3"])
+def test_moe_adapters_merge_by_streaming(name, tmp_path):
+    build_family(name).save_pretrained(tmp_path / "base")  # transformers 5 writes each expert apart (the Hub's way)
+    model = look_trained(lorakit.wrap(lorakit.load(tmp_path / "base"), lora=lorakit.Lora(r=4)), 0.1)
+    model.save_pretrained(tmp_path / "adapter")
+    save_extras(model, tmp_path / "adapter")
+    report = lorakit.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
+    assert report["path"].startswith("streamed") and report["verification"]["max_abs_logit_difference"] <= 1e-4

@@ -83,3 +83,29 @@ def test_plan_says_what_it_skipped_and_why():
     plan = lorakit.make_plan(build("gpt2"), lora=lorakit.Lora(r=2, targets="all-linear"), quant=None)
     reasons = dict(plan.skipped)
     assert any("output embedding" in why for why in reasons.values())
+
+
+def test_a_module_that_cannot_take_lora_is_refused_when_named_and_left_out_of_selections():
+    from conftest import build_family
+
+    reason = "F.multi_head_attention_forward"  # WavLM's attention hands peft's layers' weights to torch directly
+    for targets in (["q_proj"], "attention", ["attention.*"]):
+        with pytest.raises(lorakit.TargetError, match=reason):
+            lorakit.make_plan(build_family("wavlm"), lora=lorakit.Lora(r=4, targets=targets))
+    plan = lorakit.make_plan(build_family("wavlm"), lora=lorakit.Lora(r=4, targets="all-linear"))
+    attention = {n for n, _ in build_family("wavlm").named_modules() if n.endswith(("attention.q_proj",
+                                                                                  "attention.out_proj"))}
+    assert attention and not attention & set(plan.target_names)
+    assert all(reason in dict(plan.skipped)[n] for n in attention)
+
+
+def test_lora_on_an_embedding_tied_to_the_output_layer_is_refused_saying_so():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tied = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                        tie_word_embeddings=True))
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    with pytest.raises(lorakit.TargetError, match="tied to the output layer"):
+        lorakit.make_plan(tied, lora=lorakit.Lora(r=4, targets=["embed_tokens", "q_proj"]))
+    assert lorakit.make_plan(tied, lora=lorakit.Lora(r=4, targets=["q_proj"])).target_names  # the rest is fine

@@ -35,11 +35,19 @@ def test_preset_names_modules_that_exist(preset_name, arch):
     names = [n for n, _ in model.named_modules() if n]
     stacks = find_block_lists(model, preset)
     assert stacks and all(isinstance(dict(model.named_modules())[s], torch.nn.ModuleList) for s in stacks)
-    for embedding in preset.embeddings:  # alternatives across the family (embed_tokens / embeddings)
+    if preset.embeddings:  # alternatives across a family (a VLM's embed_tokens / embeddings): at least one here
         assert any(suffix_match(n, e) for n in names for e in preset.embeddings), f"{preset_name}: no embedding"
     relative = {where[2] for n in names if (where := block_of(n, stacks))} | set(names)  # or full-name globs
     for group, globs in preset.groups.items():  # alternatives for variants (T5's wi / gated wi_0, wi_1)
         assert any(fnmatch.fnmatchcase(r, g) for r in relative for g in globs), f"{preset_name}.{group} matches nothing"
+
+
+@pytest.mark.parametrize("preset_name", sorted({name for name, _ in COVERED}))
+def test_every_embedding_a_preset_names_exists_in_one_of_its_families(preset_name):
+    preset = presets()[preset_name]
+    names = {n for name, arch in COVERED if name == preset_name for n, _ in build_any(arch).named_modules() if n}
+    for embedding in preset.embeddings:
+        assert any(suffix_match(n, embedding) for n in names), f"{preset_name}: no module {embedding!r} in its family"
 
 
 def test_every_module_rule_holds_somewhere_in_the_hub():
