@@ -64,6 +64,7 @@ class Simulation:
     cuda_context: int = CUDA_CONTEXT
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    phase_peaks: list[dict] = field(default_factory=list)  # per step and phase: the most allocated
 
     @property
     def device_total(self) -> int:
@@ -79,7 +80,7 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
              autocast: str | None = "bfloat16", attn: str = "sdpa", batch_size: int = 1, seq_len: int = 512,
              gradient_checkpointing: bool = False, optimizer: str = "adamw", steps: int = 2,
              preset: str | None = None, trust_remote_code: bool = False, real: bool = False,
-             quant_path: str = "load") -> Simulation:
+             quant_path: str = "load", extrapolate: bool = True) -> Simulation:
     """Simulate `steps` training steps of `model` (a config, a name `lorakit.load` accepts, or a transformers
     model in memory, rebuilt from its config and class) with the spec applied, on fake tensors.
 
@@ -87,13 +88,10 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
     allocator keeps reserved. "load": `lorakit.load(path, quant=...)` or `from_pretrained(quantization_config=
     ...)`, which quantize weight by weight while loading; "wrap": `wrap(model, quant=...)` on a model that was
     on the GPU in full precision first.
+    `extrapolate`: a model of identical blocks is simulated with 2 and 3 of them and the rest worked out (exact
+    for allocated bytes); False simulates every block.
     `real=True` runs the identical steps on real CPU tensors (small models only): the tests' reference.
     """
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from .counting import LiveBytes, cuda_kernels
-
     check_settings(batch_size, seq_len, attn, optimizer, autocast, steps)
     if quant_path not in QUANT_PATHS:
         raise SpecError(f"unknown quant_path {quant_path!r}", hint=f"use one of {', '.join(QUANT_PATHS)}")
@@ -104,18 +102,51 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
     config, cls, name, task = _architecture(model, task, trust_remote_code)
     config, notes = _without_layerdrop(config)
     notes += _position_warning(config, seq_len)
-    inputs = sample_batch(config, task, batch_size=batch_size, seq_len=seq_len)
     dtype = torch_dtype(dtype) if dtype else _config_dtype(config)
+    started = time.perf_counter()
+    run = dict(cls=cls, task=task, dtype=dtype, attn=attn, lora=lora, freeze=freeze, quant=quant, preset=preset,
+               batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
+               optimizer=optimizer, autocast=autocast, steps=steps, trust_remote_code=trust_remote_code,
+               real=real, quant_path=quant_path)
+    blocks = None if real or not extrapolate else _uniform_blocks(config, cls, dtype, trust_remote_code, freeze, lora)
+    if blocks is None:
+        result, ran = _simulate_once(config, **run)
+    else:  # identical blocks cost the same: two short models give the slope, exactly (tests/test_simulate.py)
+        (two, ran), (three, _) = (_simulate_once(_with_blocks(config, k), **run) for k in (2, 3))
+        result = _extrapolated(two, three, blocks)
+        notes.append(f"simulated with 2 and 3 of its {blocks} identical blocks and extrapolated: allocated bytes "
+                     "exactly; reserved as the 3-block run's fragmentation over that")
+    result.model = name
+    if ran != ATTENTION[attn]:
+        notes.append(f"{cls.__name__ if hasattr(cls, '__name__') else name} has no {attn} attention: simulated with "
+                     f"{ran}, as transformers runs it")
+    result.settings = dict(dtype=str(dtype).removeprefix("torch."), autocast=autocast, attn=ran,
+                           batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
+                           optimizer=optimizer, steps=steps, real=real,
+                           lora=asdict(lora) if lora else None, freeze=asdict(freeze) if freeze else None,
+                           quant=asdict(quant) if quant else None, quant_path=quant_path if quant else None,
+                           extrapolated_from_blocks=(2, 3) if blocks else None)
+    result.warnings, result.seconds = notes, time.perf_counter() - started
+    return result
+
+
+def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, lora: Any, freeze: Any, quant: Any,
+                   preset: Any, batch_size: int, seq_len: int, gradient_checkpointing: bool, optimizer: str,
+                   autocast: Any, steps: int, trust_remote_code: bool, real: bool,
+                   quant_path: str) -> tuple[Simulation, str]:
+    """One simulated run of exactly this config: (the result, the attention implementation that ran)."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from .counting import LiveBytes, cuda_kernels
+
+    inputs = sample_batch(config, task, batch_size=batch_size, seq_len=seq_len)
     counter = LiveBytes()
     fake = FakeTensorMode(allow_non_fake_inputs=True) if not real else None
-    started = time.perf_counter()
     torch.manual_seed(0)
     with torch.device("meta") if not real else _maybe(None):
         net = _build(cls, config, dtype, ATTENTION[attn], trust_remote_code)
         ran = getattr(net.config, "_attn_implementation", None) or ATTENTION[attn]
-        if ran != ATTENTION[attn]:
-            notes.append(f"{type(net).__name__} has no {attn} attention: simulated with {ran}, as transformers "
-                         "runs it")
         if lora or freeze or quant:
             net = wrap(net, lora=lora, freeze=freeze, quant=quant, preset=preset)
     if not any(p.requires_grad for p in net.parameters()):
@@ -133,13 +164,72 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
             setup = counter.live
             with cuda_kernels(), _without_value_checks():
                 _run_steps(net, inputs, counter, optimizer, autocast, steps)
-    result = _summarise(counter, setup, name, steps)
-    result.settings = dict(dtype=str(dtype).removeprefix("torch."), autocast=autocast, attn=ran,
-                           batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
-                           optimizer=optimizer, steps=steps, real=real,
-                           lora=asdict(lora) if lora else None, freeze=asdict(freeze) if freeze else None,
-                           quant=asdict(quant) if quant else None, quant_path=quant_path if quant else None)
-    result.warnings, result.seconds = notes, time.perf_counter() - started
+    return _summarise(counter, setup, "", steps), ran
+
+
+def _uniform_blocks(config: Any, cls: Any, dtype: Any, trust_remote_code: bool, freeze: Any, lora: Any) -> int | None:
+    """The number of blocks when simulating 2 and 3 of them tells the rest exactly: a plain decoder or encoder
+    (one config, `num_hidden_layers` of at least 4) whose blocks are alike (one layer type, and blocks 0-2 of a
+    3-block model identical in classes and shapes), and a spec that selects no blocks by index."""
+    import torch
+
+    blocks = getattr(config, "num_hidden_layers", None)
+    if not isinstance(blocks, int) or blocks < 4 or getattr(config, "sub_configs", None):
+        return None
+    if len(set(getattr(config, "layer_types", None) or [None])) > 1:
+        return None
+    if lora is not None and lora.layers is not None or freeze is not None and (
+            freeze.first_layers or freeze.last_layers or freeze.layers):
+        return None
+    with torch.device("meta"):
+        small = _build(cls, _with_blocks(config, 3), dtype, "eager", trust_remote_code)
+    stacks = [m for m in small.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == 3]
+    if len(stacks) != 1:
+        return None
+    shapes = [[(n, type(m).__name__, tuple(p.shape)) for n, m in block.named_modules() for p in
+               m.parameters(recurse=False)] for block in stacks[0]]
+    return blocks if shapes[0] == shapes[1] == shapes[2] else None
+
+
+def _with_blocks(config: Any, count: int) -> Any:
+    import copy
+
+    config = copy.copy(config)
+    config.num_hidden_layers = count
+    return config
+
+
+def _extrapolated(two: Simulation, three: Simulation, blocks: int) -> Simulation:
+    """Every allocated byte count of `three` plus (blocks - 3) times what the third block added over `two`,
+    phase by phase, so that the whole model's peak may fall in another phase than the 3-block run's. The
+    caching allocator's reserved segments do not grow block by block (a segment is shared or not): at each
+    point the 3-block run's reserved-over-allocated is kept."""
+    def grow(a: Any, b: Any) -> Any:
+        if isinstance(b, bool) or not isinstance(b, int) or not isinstance(a, int):
+            return b
+        return b + (blocks - 3) * (b - a)
+
+    small = {(p["step"], p["phase"]): p for p in two.phase_peaks}
+    phases = []
+    for p in three.phase_peaks:
+        q = small.get((p["step"], p["phase"]), p)
+        allocated = grow(q["peak_allocated"], p["peak_allocated"])
+        phases.append(dict(p, peak_allocated=allocated, reserved=allocated + p["reserved"] - p["peak_allocated"],
+                           breakdown={k: grow(q["breakdown"].get(k, 0), v) for k, v in p["breakdown"].items()},
+                           module=p["module"].replace(".2.", f".{blocks - 1}.", 1)))
+    peak = max(phases, key=lambda p: p["peak_allocated"])
+    result = replace(three, peak_allocated=peak["peak_allocated"], peak_step=peak["step"], peak_phase=peak["phase"],
+                     peak_module=peak["module"], breakdown=peak["breakdown"], phase_peaks=phases,
+                     setup_allocated=grow(two.setup_allocated, three.setup_allocated),
+                     peak_reserved=max(p["reserved"] for p in phases))
+    result.steps = []
+    for step in three.steps:
+        mine = [p for p in phases if p["step"] == step["step"] and p["phase"] not in ("end", "done")]
+        top = max(mine, key=lambda p: p["peak_allocated"])
+        before = next(s for s in two.steps if s["step"] == step["step"])
+        result.steps.append(dict(step, peak_allocated=top["peak_allocated"], peak_phase=top["phase"],
+                                 peak_reserved=max(p["reserved"] for p in mine),
+                                 allocated_after=grow(before["allocated_after"], step["allocated_after"])))
     return result
 
 

@@ -47,6 +47,7 @@ def replay(counter: Any, allocator: Any) -> dict:
     live, step, phase = 0, 0, "setup"
     steps: dict[int, dict] = {}
     best = (-1, 0, 0, "setup")  # (bytes, event index, step, phase)
+    phase_peaks: dict[tuple[int, str], tuple[int, int, int]] = {}  # (bytes, event index, reserved then)
     for index, sid in enumerate(events + [0]):
         for step, phase in marks.get(index, ()):
             if phase == "forward":
@@ -65,6 +66,8 @@ def replay(counter: Any, allocator: Any) -> dict:
             if live > current["peak_allocated"]:
                 current.update(peak_allocated=live, peak_phase=phase)
             current["peak_reserved"] = allocator.reserved
+            if live > phase_peaks.get((step, phase), (-1,))[0]:
+                phase_peaks[(step, phase)] = (live, index, allocator.reserved)
             if live > best[0]:
                 best = (live, index, step, phase)
         if current is not None and phase != "done":
@@ -75,7 +78,10 @@ def replay(counter: Any, allocator: Any) -> dict:
             "peak_module": _module_at(counter, peak_index),
             "breakdown": _breakdown(counter, peak_index, free_at, starts),
             "top_activations": _top_activations(counter, free_at, starts),
-            "peak_reserved": allocator.reserved}
+            "peak_reserved": allocator.reserved,
+            "phase_peaks": [{"step": s, "phase": ph, "peak_allocated": b, "reserved": r,
+                             "breakdown": _breakdown(counter, i, free_at, starts), "module": _module_at(counter, i)}
+                            for (s, ph), (b, i, r) in phase_peaks.items()]}
 
 
 def _module_at(counter: Any, index: int) -> str:
