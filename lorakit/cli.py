@@ -11,6 +11,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from .accounting import OPTIMIZERS
 from .errors import LorakitError, SpecError
@@ -114,15 +115,27 @@ def cmd_fit(args: argparse.Namespace) -> int:
     limit = parse_memory(args.gpu_memory)  # before any simulation
     lora = Lora(**{k: v for k, v in {"r": args.lora_r, "alpha": args.lora_alpha, "targets": args.lora_targets}.items()
                    if v is not None})
+    show = _progress_line("simulating")
     rows = fit(args.model, limit, seq_len=args.seq_len, lora=lora, attn=args.attn, optimizer=args.optimizer,
                task=args.task, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-               methods=tuple(args.method or ("full", "lora", "qlora")), quant_path=args.quant_path)
+               methods=tuple(args.method or ("full", "lora", "qlora")), quant_path=args.quant_path, progress=show)
+    show(None)
     if args.format == "json":
         print(json.dumps({"model": args.model, "gpu_memory": limit, "seq_len": args.seq_len,
                           "quant_path": args.quant_path, "rows": rows_json(rows)}, indent=2))
     else:
         sys.stdout.write(render_fit(rows, args.model, limit, args.seq_len, args.quant_path))
     return 0
+
+
+def _progress_line(label: str) -> Any:
+    """On a terminal, one stderr line rewritten in place ("simulating lora, checkpointing on, batch 4");
+    None clears it. Off a terminal, nothing: logs and pipes get the results only."""
+    def show(text: str | None) -> None:
+        if sys.stderr.isatty():
+            sys.stderr.write("\r\033[K" + (f"{label} {text} ..." if text else ""))
+            sys.stderr.flush()
+    return show
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:

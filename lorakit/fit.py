@@ -53,9 +53,10 @@ class FitRow:
 def fit(model: Any, gpu_memory: int | str, *, seq_len: int = 2048, lora: Lora | None = None,
         quant: Quant | None = None, attn: str = "sdpa", optimizer: str = "adamw", task: str | None = None,
         dtype: str | None = None, trust_remote_code: bool = False, methods: tuple = METHODS,
-        checkpointing: tuple = (False, True), quant_path: str = "load") -> list[FitRow]:
+        checkpointing: tuple = (False, True), quant_path: str = "load", progress: Any = None) -> list[FitRow]:
     """Full fine-tuning, LoRA and QLoRA (4-bit), each without and with gradient checkpointing. QLoRA's model
-    is loaded as `quant_path` says (see `simulate`): by default quantized while it loads."""
+    is loaded as `quant_path` says (see `simulate`): by default quantized while it loads. `progress`, if given,
+    is called with a short line before each simulated run."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise LorakitError(f"unknown method {unknown[0]!r}", hint=f"use {', '.join(METHODS)}")
@@ -66,7 +67,9 @@ def fit(model: Any, gpu_memory: int | str, *, seq_len: int = 2048, lora: Lora | 
     rows = []
     for method in methods:
         for on in checkpointing:
-            def run(batch: int, spec: dict = specs[method], on: bool = on) -> Simulation:
+            def run(batch: int, spec: dict = specs[method], on: bool = on, method: str = method) -> Simulation:
+                if progress is not None:
+                    progress(f"{method}, checkpointing {'on' if on else 'off'}, batch {batch}")
                 return simulate(model, task=task, dtype=dtype, attn=attn, optimizer=optimizer, batch_size=batch,
                                 seq_len=seq_len, gradient_checkpointing=on, trust_remote_code=trust_remote_code,
                                 **spec)
