@@ -83,3 +83,17 @@ def save(device: str, key: str, figures: dict) -> Path:
     data[key] = figures
     write_json_atomic(path, data)
     return path
+
+
+def bare_meta_build(config_path: Path) -> str:
+    """Python code for the baseline of a compare-parameters figure: import transformers, build a bundled config
+    on the meta device, sum its parameters."""
+    return f"""
+import json, torch, transformers
+data = json.load(open({str(config_path)!r}))
+data["dtype"] = data.pop("torch_dtype")
+config = transformers.AutoConfig.for_model(**data)
+with torch.device("meta"):
+    model = transformers.AutoModelForCausalLM.from_config(config)
+print(sum(p.numel() for p in model.parameters()))
+"""

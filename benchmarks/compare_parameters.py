@@ -14,18 +14,9 @@ import argparse
 import os
 from pathlib import Path
 
-from .common import alternate, python_code, save
+from .common import alternate, bare_meta_build, python_code, save
 
 CONFIG = Path(__file__).parent.parent / "adapters_zoo" / "configs" / "meta-llama--Llama-3.1-70B.json"
-BARE = f"""
-import json, torch, transformers
-data = json.load(open({str(CONFIG)!r}))
-data["dtype"] = data.pop("torch_dtype")
-config = transformers.AutoConfig.for_model(**data)
-with torch.device("meta"):
-    model = transformers.AutoModelForCausalLM.from_config(config)
-print(sum(p.numel() for p in model.parameters()))
-"""
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -37,7 +28,7 @@ def main(argv: list[str] | None = None) -> dict:
     cli = ("import sys\nfrom lorakit.cli import main\n"
            "rc = main(['compare-parameters', 'meta-llama/Llama-3.1-70B', '--quant', '4bit'])\n"
            "sys.stdout.flush()\n")
-    figures = alternate(python_code(BARE), python_code(cli), repeats=args.repeats, env=env)
+    figures = alternate(python_code(bare_meta_build(CONFIG)), python_code(cli), repeats=args.repeats, env=env)
     figures["targets"] = {"wall_ratio": 1.3, "b_peak_rss_bytes": 1e9}
     path = save("cpu", "compare_parameters_70b", figures)
     print(f"bare meta build {figures['a_wall_s']:.2f} s, lorakit {figures['b_wall_s']:.2f} s, "

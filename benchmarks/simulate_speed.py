@@ -16,23 +16,10 @@ import argparse
 import os
 from pathlib import Path
 
-from .common import alternate, python_code, run_measured, save
+from .common import alternate, bare_meta_build, python_code, run_measured, save
 
 CONFIGS = Path(__file__).parent.parent / "adapters_zoo" / "configs"
 MODELS = {"llama-3.1-8b": "meta-llama/Llama-3.1-8B", "llama-3.1-70b": "meta-llama/Llama-3.1-70B"}
-
-
-def bare(model_id: str) -> str:
-    path = CONFIGS / (model_id.replace("/", "--") + ".json")
-    return f"""
-import json, torch, transformers
-data = json.load(open({str(path)!r}))
-data["dtype"] = data.pop("torch_dtype")
-config = transformers.AutoConfig.for_model(**data)
-with torch.device("meta"):
-    model = transformers.AutoModelForCausalLM.from_config(config)
-print(sum(p.numel() for p in model.parameters()))
-"""
 
 
 def cli(args: list[str]) -> list[str]:
@@ -48,7 +35,8 @@ def main(argv: list[str] | None = None) -> dict:
     for key, model_id in MODELS.items():
         simulated = cli(["compare-parameters", model_id, "--batch-size", "1", "--seq-len", "2048",
                          "--gradient-checkpointing"])
-        figures[key] = alternate(python_code(bare(model_id)), simulated, repeats=args.repeats, env=env)
+        figures[key] = alternate(python_code(bare_meta_build(CONFIGS / (model_id.replace("/", "--") + ".json"))),
+                                 simulated, repeats=args.repeats, env=env)
         print(f"{model_id}: bare meta build {figures[key]['a_wall_s']:.2f} s, compare-parameters with a simulated "
               f"step {figures[key]['b_wall_s']:.2f} s, ratio {figures[key]['wall_ratio']:.2f} (target <= 2)")
     fit_argv = cli(["fit", MODELS["llama-3.1-8b"], "--gpu-memory", "24GiB", "--seq-len", "2048"])
