@@ -26,7 +26,8 @@ def did_you_mean(wanted: str, names: Any) -> str:
     return f"did you mean {', '.join(near)}?" if near else "see lorakit.targets(model) for the names that exist"
 
 
-# Kinds peft adapts through `target_parameters` (its ParamWrapper): the name of such a target is a parameter's.
+# Kinds that are mostly tensors, not layers (peft adapts them through target_parameters): they also answer to
+# the name of the module that holds them.
 PARAMETER_KINDS = ("Experts", "Router")
 # Groups every model has: what they select is a kind, not a name.
 KIND_GROUPS = {"experts": "Experts", "router": "Router"}

@@ -199,15 +199,9 @@ def execute(model: Any, plan: Plan) -> Any:
 
 
 def adapted(peft_model: Any) -> set[str]:
-    """What peft put LoRA on, in base-model names: modules, and `module.parameter` for its ParamWrappers."""
-    from peft.tuners.lora import LoraLayer
-
-    found = set()
-    for name, module in peft_model.named_modules():
-        if isinstance(module, LoraLayer):
-            base = peft_role(name + ".lora_A")[1]
-            found.add(f"{base}.{module.parameter_name}" if hasattr(module, "parameter_name") else base)
-    return found
+    """What peft put LoRA on, by its own record: layers (target_modules) and tensors (target_parameters)."""
+    tuner = peft_model.base_model
+    return set(tuner.targeted_module_names) | set(getattr(tuner, "targeted_parameter_names", None) or [])
 
 
 def planned_trainable(model: Any, plan: Plan) -> int:
