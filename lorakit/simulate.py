@@ -118,8 +118,8 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
                      "exactly; reserved as the 3-block run's fragmentation over that")
     result.model = name
     if ran != ATTENTION[attn]:
-        notes.append(f"{cls.__name__ if hasattr(cls, '__name__') else name} has no {attn} attention: simulated with "
-                     f"{ran}, as transformers runs it")
+        notes.append(f"{getattr(config, 'model_type', name)} models have no {attn} attention: simulated with {ran}, "
+                     "as transformers runs them")
     result.settings = dict(dtype=str(dtype).removeprefix("torch."), autocast=autocast, attn=ran,
                            batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
                            optimizer=optimizer, steps=steps, real=real,
