@@ -149,3 +149,17 @@ def test_moe_adapters_merge_by_streaming(name, tmp_path):
     save_extras(model, tmp_path / "adapter")
     report = lorakit.merge(tmp_path / "base", tmp_path / "adapter", tmp_path / "merged")
     assert report["path"].startswith("streamed") and report["verification"]["max_abs_logit_difference"] <= 1e-4
+
+
+def test_training_resumes_from_a_deepseek_checkpoint(tmp_path):
+    rows = [{"input_ids": [5, 6, 7, 8, 9, 10], "labels": [5, 6, 7, 8, 9, 10]}] * 8
+
+    def trainer(steps):
+        args = lorakit.training_args(str(tmp_path), max_steps=steps, per_device_train_batch_size=2, save_steps=2,
+                                     save_strategy="steps", use_cpu=True, report_to=[], disable_tqdm=True)
+        return lorakit.LoraTrainer(model=build_family("deepseek-v3"), args=args, train_dataset=rows,
+                                   lora=lorakit.Lora(r=4))
+    trainer(2).train()
+    resumed = trainer(4)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4
