@@ -82,17 +82,12 @@ def is_router(module: Any) -> bool:
     return type(module).__name__.lower().endswith("router")
 
 
-def parameter_targets(module: Any) -> list[tuple[str, str]]:
-    """(parameter name, kind) of what peft can adapt on this module only through `target_parameters`:
-    "Experts" for each fused 3D expert tensor (transformers 5 keeps an MoE layer's experts as 3D
-    parameters of an `*Experts` module, not as Linear layers), "Router" for a router's weight (Llama 4's
-    router subclasses Linear but returns a tuple, which peft's Linear wrapper cannot add to). Else none."""
-    if type(module).__name__.endswith("Experts"):
-        return [(n, "Experts") for n, p in module.named_parameters(recurse=False)
-                if p.dim() == 3 and p.is_floating_point()]
-    if is_router(module) and getattr(module, "weight", None) is not None:
-        return [("weight", "Router")]
-    return []
+def expert_tensors(module: Any) -> list[str]:
+    """The names of this module's fused 3D expert tensors: transformers 5 keeps an MoE layer's experts as 3D
+    parameters of an `*Experts` module, not as Linear layers (peft adapts them through target_parameters)."""
+    if not type(module).__name__.endswith("Experts"):
+        return []
+    return [n for n, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()]
 
 
 def is_norm(module: Any) -> bool:
@@ -105,7 +100,7 @@ def module_kind(module: Any) -> str:
     kind = adaptable_kind(module)
     if is_router(module):
         return "Router"
-    if any(k == "Experts" for _, k in parameter_targets(module)):
+    if expert_tensors(module):
         return "Experts"
     if kind in ("Linear", "Conv1D"):
         return "Linear"

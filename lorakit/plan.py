@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import QuantizationError, SpecError, TargetError
-from .names import (adaptable_kind, is_norm, outermost, output_embedding_names, parameter_targets, suffix_match,
+from .names import (adaptable_kind, expert_tensors, is_norm, outermost, output_embedding_names, suffix_match,
                     task_of_class, under)
 from .specs import REWRITES_BASE, Freeze, Lora, Quant, spec_dict
 from .state import is_quantized, source_of
@@ -330,7 +330,7 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
         skipped += sorted(quant_skips.items())
         skipped += [(f"{n}.{p}", "fused expert tensor: bitsandbytes quantizes Linear layers only, so it stays in "
                                  "full precision (counted so by report and simulate)")
-                    for n, m in model.named_modules() for p, kind in parameter_targets(m) if kind == "Experts"]
+                    for n, m in model.named_modules() for p in expert_tensors(m)]
         quantized_weights = {f"{n}.weight" for n in quantized}
         trainable = {n: t and n not in quantized_weights for n, t in trainable.items()}
     output = output_embedding_names(model)

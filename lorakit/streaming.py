@@ -143,7 +143,7 @@ def merge_streamed(base_dir: Path, adapter: dict, staging: Path, meta: Any, task
 
     names = CheckpointNames(meta)
     lora, full = adapter["lora"], dict(adapter["full"])
-    tensors = parameter_targets(adapter, meta)  # expert tensor -> the name its adapter is saved under
+    tensors = adapter_keys(adapter, meta)  # expert tensor -> the name its adapter is saved under
     pending = {f"{module}.weight": module for module in lora if module not in tensors.values()}
     pending.update(tensors)
     layouts = {t["name"]: t for t in adapter["plan"].get("targets", ()) if t.get("parameter")}
@@ -228,7 +228,7 @@ def merge_streamed(base_dir: Path, adapter: dict, staging: Path, meta: Any, task
     return {"dtype": str(final_dtype).removeprefix("torch."), "merged_layers": len(merged)}
 
 
-def parameter_targets(adapter: dict, meta: Any) -> dict[str, str]:
+def adapter_keys(adapter: dict, meta: Any) -> dict[str, str]:
     """Parameter tensor -> the module name its LoRA weights are saved under. peft adapts the tensors of one
     module (an MoE layer's experts) by nesting one ParamWrapper per tensor, in the module's parameter order:
     the last tensor's adapter is the outermost (`experts.lora_A`), each earlier one a `.base_layer` deeper."""

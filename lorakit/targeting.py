@@ -12,7 +12,7 @@ import re
 from typing import TYPE_CHECKING, Any
 
 from .errors import NothingSelectedError, SpecError, TargetError, closest
-from .names import adaptable_kind, is_norm, is_router, output_embedding_names, parameter_targets, suffix_match, under
+from .names import adaptable_kind, expert_tensors, is_norm, is_router, output_embedding_names, suffix_match, under
 from .specs import Lora, resolve_blocks
 from .zoo import Preset, block_of
 
@@ -51,7 +51,7 @@ def candidates(model: Any, block_lists: list[str]) -> dict[str, tuple[str, str]]
             entries = [(f"{name}.weight", "Router")]
         else:
             entries = [(name, kind)] if kind else []
-            entries += [(f"{name}.{param}" if name else param, k) for param, k in parameter_targets(module)]
+            entries += [(f"{name}.{param}" if name else param, "Experts") for param in expert_tensors(module)]
         for full, k in entries:
             where = block_of(full, block_lists)
             found[full] = (k, where[2] if where else full)
