@@ -17,7 +17,7 @@ import logging
 import re
 from typing import Any
 
-from .data import check_columns, ensure_pad_token, load_table, pack_rows
+from .data import check_columns, ensure_pad_token, is_processor, load_table, pack_rows
 from .errors import LorakitError
 
 logger = logging.getLogger("lorakit")
@@ -43,7 +43,7 @@ def chat_data(source: Any, tokenizer: Any, *, train_on: str = "assistant", max_l
     if train_on not in TRAIN_ON:
         raise LorakitError(f"train_on must be one of {TRAIN_ON}, got {train_on!r}",
                            hint="'assistant': loss on the answers only; 'all': on every token")
-    if hasattr(tokenizer, "image_processor"):
+    if is_processor(tokenizer):
         return _vision_chat_data(source, tokenizer, train_on, max_length, messages_column, images_column, split)
     if not getattr(tokenizer, "chat_template", None):
         raise LorakitError("the tokenizer has no chat template, so conversations cannot be rendered",
@@ -133,21 +133,18 @@ def _vision_chat_data(source: Any, processor: Any, train_on: str, max_length: in
     images = table[images_column] if images_column in table.column_names else [None] * len(table)
     ensure_pad_token(processor.tokenizer)
     columns: dict[str, list] = {}
-    kept = cut = 0
     for i, (messages, row_images) in enumerate(zip(table[messages_column], images)):
         turns = _checked(messages, i, train_on)
         row_images = _row_images(turns, row_images, i, images_column)
         fields = _tokenize(_processor_render(processor, row_images), turns, train_on, i)
-        cut += len(fields["input_ids"]) > max_length
-        if len(fields["input_ids"]) > max_length:  # a cut through image tokens would break the model's count
-            continue
-        kept += 1
-        for key, value in dict(fields, images=row_images).items():
-            columns.setdefault(key, []).append(value)
+        if len(fields["input_ids"]) <= max_length:  # a cut through image tokens would break the model's count
+            for key, value in dict(fields, images=row_images).items():
+                columns.setdefault(key, []).append(value)
+    cut = len(table) - len(columns.get("input_ids", []))
     if cut:
         logger.warning("%d of %d conversations with images were longer than max_length=%d and were dropped "
                        "(cutting them could split an image's tokens)", cut, len(table), max_length)
-    if not kept:
+    if cut == len(table):
         raise LorakitError(f"every conversation is longer than max_length={max_length}", hint="raise max_length")
     return datasets.Dataset.from_dict(columns)
 
@@ -167,7 +164,7 @@ def _processor_render(processor: Any, images: list) -> Any:
 
     def render(turns: list[dict], row: int, add_generation_prompt: bool = False) -> dict:
         text = _render_text(processor, turns, row, add_generation_prompt)
-        shown = len(_row_images(turns, images[:_image_parts(turns)], row, "images"))
+        shown = _image_parts(turns)  # the turns so far show the row's first images (checked: _row_images)
         encoded = processor(text=[text], images=[images[:shown]] if shown else None)
         return {k: list(v[0]) for k, v in encoded.items() if k == "input_ids" or k.endswith("token_type_ids")}
 

@@ -66,6 +66,11 @@ def _read_file(path: Path) -> Any:
         raise LorakitError(f"cannot read {path.name}: {exc}", hint="check the file's format") from None
 
 
+def is_processor(tokenizer: Any) -> bool:
+    """A vision-language model's processor (tokenizer and image processor) rather than a tokenizer."""
+    return hasattr(tokenizer, "image_processor")
+
+
 def ensure_pad_token(tokenizer: Any) -> Any:
     """Causal-LM tokenizers often have no pad token; use EOS, and say so."""
     if tokenizer.pad_token is None:
@@ -264,7 +269,7 @@ def collator(tokenizer: Any, task: str = "seq-cls") -> Any:
     if task not in COLLATOR_TASKS:
         raise LorakitError(f"no collator for task {task!r}", hint=f"tasks are: {', '.join(COLLATOR_TASKS)}")
     if task == "image-text-to-text":
-        if not hasattr(tokenizer, "image_processor"):
+        if not is_processor(tokenizer):
             raise LorakitError("the image-text-to-text collator needs the model's processor, not its tokenizer",
                                hint="pass AutoProcessor.from_pretrained(...) (the one given to chat_data)")
         ensure_pad_token(tokenizer.tokenizer)

@@ -157,7 +157,7 @@ def _trainable(model: Any, freeze: Freeze | None, preset: Preset, lora: Lora | N
     return trainable
 
 
-def _quant_skips(model: Any, quant: Quant, full: list[str]) -> dict[str, str]:
+def _quant_skips(model: Any, quant: Quant, full: list[str], ruled: dict) -> dict[str, str]:
     """Modules kept in full precision, with the reason: transformers' own skip list (output embeddings,
     tied weights, the last module), `_keep_in_fp32_modules`, what lorakit trains in full, the user's list."""
     from transformers import PreTrainedModel
@@ -168,8 +168,7 @@ def _quant_skips(model: Any, quant: Quant, full: list[str]) -> dict[str, str]:
         skips.update(dict.fromkeys(get_keys_to_not_convert(model), "transformers keeps it unquantized"))
         skips.update(dict.fromkeys(getattr(model, "_keep_in_fp32_modules", None) or [], "kept in fp32 by the model"))
     skips.update(dict.fromkeys(full, "trained in full"))
-    skips.update({n: f"kept unquantized: {rule.reason}" for n, rule in ruled_modules(model).items()
-                  if not rule.quantize})
+    skips.update({n: f"kept unquantized: {rule.reason}" for n, rule in ruled.items() if not rule.quantize})
     skips.update(dict.fromkeys(quant.skip_modules, "Quant.skip_modules"))
     return skips
 
@@ -293,13 +292,14 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
     block_lists = find_block_lists(model, chosen)
     defaults: list[tuple[str, Any, str]] = []
     full = _trained_in_full(model, chosen, lora, block_lists)
+    ruled = ruled_modules(model)  # what cannot take LoRA, or bitsandbytes, where it sits
     targets: list[Target] = []
     skipped = [(n, "output embedding (tied to the input embedding in many models)")
                for n in sorted(output_embedding_names(model)) if lora]
     if lora:
         lora, defaults = _resolved(lora, chosen)
         found = candidates(model, block_lists)
-        refused = {n: rule.reason for n, rule in ruled_modules(model).items() if not rule.lora}
+        refused = {n: rule.reason for n, rule in ruled.items() if not rule.lora}
         refused.update({n: why for n, why in tied_layers(model).items() if n in found})
         targets = [_target(model, name, found[name][0], lora)
                    for name in resolve_targets(model, lora, chosen, block_lists, full, lora.targets, refused)]
@@ -325,7 +325,7 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
         if is_quantized(model):
             raise QuantizationError("this model is already quantized",
                                     hint="drop quant=..., or start from the full-precision model")
-        quant_skips = _quant_skips(model, quant, full)
+        quant_skips = _quant_skips(model, quant, full, ruled)
         quantized = _quantized(model, sorted(quant_skips))
         skipped += sorted(quant_skips.items())
         skipped += [(f"{n}.{p}", "fused expert tensor: bitsandbytes quantizes Linear layers only, so it stays in "
