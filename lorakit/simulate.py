@@ -112,8 +112,10 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
     if blocks is None:
         result, ran = _simulate_once(config, **run)
     else:  # identical blocks cost the same: two short models give the slope, exactly (tests/test_simulate.py)
+        from .stepping import extrapolated
+
         (two, ran), (three, _) = (_simulate_once(_with_blocks(config, k), **run) for k in (2, 3))
-        result = _extrapolated(two, three, blocks)
+        result = extrapolated(two, three, blocks)
         notes.append(f"simulated with 2 and 3 of its {blocks} identical blocks and extrapolated: allocated bytes "
                      "exactly; reserved as the 3-block run's fragmentation over that")
     result.model = name
@@ -197,40 +199,6 @@ def _with_blocks(config: Any, count: int) -> Any:
     config = copy.copy(config)
     config.num_hidden_layers = count
     return config
-
-
-def _extrapolated(two: Simulation, three: Simulation, blocks: int) -> Simulation:
-    """Every allocated byte count of `three` plus (blocks - 3) times what the third block added over `two`,
-    phase by phase, so that the whole model's peak may fall in another phase than the 3-block run's. The
-    caching allocator's reserved segments do not grow block by block (a segment is shared or not): at each
-    point the 3-block run's reserved-over-allocated is kept."""
-    def grow(a: Any, b: Any) -> Any:
-        if isinstance(b, bool) or not isinstance(b, int) or not isinstance(a, int):
-            return b
-        return b + (blocks - 3) * (b - a)
-
-    small = {(p["step"], p["phase"]): p for p in two.phase_peaks}
-    phases = []
-    for p in three.phase_peaks:
-        q = small.get((p["step"], p["phase"]), p)
-        allocated = grow(q["peak_allocated"], p["peak_allocated"])
-        phases.append(dict(p, peak_allocated=allocated, reserved=allocated + p["reserved"] - p["peak_allocated"],
-                           breakdown={k: grow(q["breakdown"].get(k, 0), v) for k, v in p["breakdown"].items()},
-                           module=p["module"].replace(".2.", f".{blocks - 1}.", 1)))
-    peak = max(phases, key=lambda p: p["peak_allocated"])
-    result = replace(three, peak_allocated=peak["peak_allocated"], peak_step=peak["step"], peak_phase=peak["phase"],
-                     peak_module=peak["module"], breakdown=peak["breakdown"], phase_peaks=phases,
-                     setup_allocated=grow(two.setup_allocated, three.setup_allocated),
-                     peak_reserved=max(p["reserved"] for p in phases))
-    result.steps = []
-    for step in three.steps:
-        mine = [p for p in phases if p["step"] == step["step"] and p["phase"] not in ("end", "done")]
-        top = max(mine, key=lambda p: p["peak_allocated"])
-        before = next(s for s in two.steps if s["step"] == step["step"])
-        result.steps.append(dict(step, peak_allocated=top["peak_allocated"], peak_phase=top["phase"],
-                                 peak_reserved=max(p["reserved"] for p in mine),
-                                 allocated_after=grow(before["allocated_after"], step["allocated_after"])))
-    return result
 
 
 def check_settings(batch_size: Any, seq_len: Any, attn: str, optimizer: str, autocast: Any, steps: int) -> None:

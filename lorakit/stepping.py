@@ -1,4 +1,5 @@
-"""Reading the event log of `counting.LiveBytes`: peaks per step, the breakdown at the peak, where activations live.
+"""Reading the event log of `counting.LiveBytes`: peaks per step, the breakdown at the peak, where activations live;
+and the figures of a model with N identical blocks, from runs with 2 and 3 of them (`extrapolated`).
 
 Per step the figures are what CUDA reports after `torch.cuda.reset_peak_memory_stats()` at the step's start:
 the peak is the most bytes live at any moment of the step (counting what was live when it began), the
@@ -8,6 +9,7 @@ reserved figure is the caching allocator's segments (they only grow), and "after
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 
@@ -125,3 +127,37 @@ def _top_activations(counter: Any, free_at: dict, starts: dict, count: int = 10)
             key = storage.module or "(outside modules)"
             by_module[key] = by_module.get(key, 0) + storage.size
     return sorted(by_module.items(), key=lambda item: -item[1])[:count]
+
+
+def extrapolated(two: Any, three: Any, blocks: int) -> Any:
+    """Every allocated byte count of `three` plus (blocks - 3) times what the third block added over `two`,
+    phase by phase, so that the whole model's peak may fall in another phase than the 3-block run's. The
+    caching allocator's reserved segments do not grow block by block (a segment is shared or not): at each
+    point the 3-block run's reserved-over-allocated is kept."""
+    def grow(a: Any, b: Any) -> Any:
+        if isinstance(b, bool) or not isinstance(b, int) or not isinstance(a, int):
+            return b
+        return b + (blocks - 3) * (b - a)
+
+    small = {(p["step"], p["phase"]): p for p in two.phase_peaks}
+    phases = []
+    for p in three.phase_peaks:
+        q = small.get((p["step"], p["phase"]), p)
+        allocated = grow(q["peak_allocated"], p["peak_allocated"])
+        phases.append(dict(p, peak_allocated=allocated, reserved=allocated + p["reserved"] - p["peak_allocated"],
+                           breakdown={k: grow(q["breakdown"].get(k, 0), v) for k, v in p["breakdown"].items()},
+                           module=p["module"].replace(".2.", f".{blocks - 1}.", 1)))
+    peak = max(phases, key=lambda p: p["peak_allocated"])
+    result = dataclasses.replace(three, peak_allocated=peak["peak_allocated"], peak_step=peak["step"], peak_phase=peak["phase"],
+                     peak_module=peak["module"], breakdown=peak["breakdown"], phase_peaks=phases,
+                     setup_allocated=grow(two.setup_allocated, three.setup_allocated),
+                     peak_reserved=max(p["reserved"] for p in phases))
+    result.steps = []
+    for step in three.steps:
+        mine = [p for p in phases if p["step"] == step["step"] and p["phase"] not in ("end", "done")]
+        top = max(mine, key=lambda p: p["peak_allocated"])
+        before = next(s for s in two.steps if s["step"] == step["step"])
+        result.steps.append(dict(step, peak_allocated=top["peak_allocated"], peak_phase=top["phase"],
+                                 peak_reserved=max(p["reserved"] for p in mine),
+                                 allocated_after=grow(before["allocated_after"], step["allocated_after"])))
+    return result
