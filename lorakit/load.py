@@ -185,10 +185,7 @@ def build_from_config(config: Any, task: str | None = None, *, meta: bool = Fals
     check_task(task)
     task = task or task_from_config(config)
     cls = auto_class(task)
-    if getattr(config, "architectures", None) is None:
-        # transformers' Auto classes iterate it when a config type has several classes (DeiT)
-        config = copy.copy(config)
-        config.architectures = []
+    config = with_architectures(config)
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = torch_dtype(dtype)
@@ -200,6 +197,16 @@ def build_from_config(config: Any, task: str | None = None, *, meta: bool = Fals
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:  # RuntimeError: bad dimensions
         raise LorakitError(f"cannot build a {task} model from this {config.model_type} config: {exc}",
                            hint=f"pick another task with task=... (one of {', '.join(TASKS)})") from None
+
+
+def with_architectures(config: Any) -> Any:
+    """The config as transformers' Auto classes can build it: they iterate `architectures` when a config type
+    has several classes (DeiT), so a config without any gets an empty list (on a copy)."""
+    if getattr(config, "architectures", None) is not None:
+        return config
+    config = copy.copy(config)
+    config.architectures = []
+    return config
 
 
 def load(model: str | os.PathLike, *, task: str | None = None, quant: Quant | str | None = None,

@@ -36,7 +36,7 @@ from .allocator import CachingAllocator
 from .errors import LorakitError, SpecError
 from .materialise import QUANT_PATHS, materialise, prepare_bitsandbytes, state_tensors
 from .batches import sample_batch
-from .load import auto_class, check_task, resolve_config, task_from_config
+from .load import auto_class, check_task, resolve_config, task_from_config, with_architectures
 from .plan import check_init, model_task
 from .specs import Freeze, Lora, Quant, torch_dtype
 from .wrap import wrap
@@ -245,6 +245,7 @@ def _architecture(model: Any, task: str | None, trust_remote_code: bool) -> tupl
 def _build(cls: Any, config: Any, dtype: Any, attn: str, trust_remote_code: bool) -> Any:
     """The model with the attention asked for, or the model's own when it has no such implementation
     (Gemma 2, gpt-oss and BLOOM have no sdpa; Mamba, ConvNeXt and ResNet no attention at all)."""
+    config = with_architectures(config)
     try:
         return cls.from_config(config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
     except ValueError as exc:

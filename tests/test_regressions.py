@@ -160,3 +160,19 @@ def test_a_head_whose_name_ends_other_modules_is_refused_not_a_peft_type_error()
     assert all(p.requires_grad for p in model.parameters())  # untouched
     trained = lorakit.wrap(_OutHead(), freeze=lorakit.Freeze(patterns=[r"^hidden\.0\."]))  # the hint's way out
     assert trained.out.weight.requires_grad and not trained.hidden[0].weight.requires_grad
+
+
+def test_a_config_whose_type_has_several_classes_builds_and_simulates_without_architectures():
+    """DeiT maps to two image classifiers; transformers' Auto classes then iterate `architectures`, which a
+    config made in code leaves None (a raw TypeError from build_from_config, then from simulate)."""
+    from transformers import AutoConfig
+
+    from lorakit.load import build_from_config
+    from lorakit.simulate import simulate
+
+    config = AutoConfig.for_model("deit", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, image_size=32, patch_size=8, num_labels=3)
+    assert config.architectures is None
+    assert type(build_from_config(config, "image-cls")).__name__ == "DeiTForImageClassification"
+    assert simulate(config, task="image-cls", lora=4, seq_len=8).peak_allocated > 0
+    assert config.architectures is None  # the user's config is left as it was
