@@ -19,6 +19,7 @@ from .files import atomic_path, refuse_existing, write_text_atomic
 from .fit import fit, parse_memory, render_fit, rows_json
 from .gguf_export import GGUF_TYPES
 from .load import TASKS, build_from_config, resolve_config
+from .materialise import QUANT_PATHS
 from .merging import METHODS, merge
 from .render import FORMATS, architecture_summary, architecture_table, plot
 from .report import report
@@ -159,6 +160,9 @@ def cmd_architectures(args: argparse.Namespace) -> int:
     return 0
 
 
+QUANT_PATH_HELP = "how a quantized model gets onto the GPU: " + "; ".join(f"{k}, {v}" for k, v in QUANT_PATHS.items())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA, freezing and quantization for Hugging Face "
                                      "models: see exactly what each choice costs.")
@@ -189,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--seq-len", type=int)
     compare.add_argument("--gradient-checkpointing", action="store_true", help="simulate with it on")
     compare.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash"], help="attention kernel")
-    compare.add_argument("--quant-path", default="load", choices=["load", "wrap"], help="how a quantized model gets onto the GPU: load (lorakit.load(quant=...) / from_pretrained: quantized weight by weight while loading) or wrap (wrap(model, quant=...) after a full-precision load)")
+    compare.add_argument("--quant-path", default="load", choices=list(QUANT_PATHS), help=QUANT_PATH_HELP)
     compare.add_argument("--format", default="table", choices=["table", "json", "csv", "markdown"])
     compare.add_argument("--output", help="write to this file (atomically) instead of stdout")
     compare.add_argument("--plot", help="also draw a bar chart to FILE.png or FILE.svg (needs matplotlib)")
@@ -227,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit_cmd.add_argument("--lora-alpha", type=float)
     fit_cmd.add_argument("--lora-targets", help="default: the family preset's")
     fit_cmd.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash"])
-    fit_cmd.add_argument("--quant-path", default="load", choices=["load", "wrap"], help="how a quantized model gets onto the GPU: load (lorakit.load(quant=...) / from_pretrained: quantized weight by weight while loading) or wrap (wrap(model, quant=...) after a full-precision load)")
+    fit_cmd.add_argument("--quant-path", default="load", choices=list(QUANT_PATHS), help=QUANT_PATH_HELP)
     fit_cmd.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
     fit_cmd.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     fit_cmd.add_argument("--method", action="append", choices=["full", "lora", "qlora"],

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .errors import LorakitError
+from .materialise import QUANT_PATHS
 from .simulate import Simulation, simulate
 from .specs import Lora, Quant
 from .state import state_of
@@ -113,12 +114,10 @@ def _row(method: str, checkpointing: bool, run: Any, limit: int) -> FitRow:
 
 def render_fit(rows: list[FitRow], model: str, gpu_memory: int, seq_len: int, quant_path: str = "load") -> str:
     gib = 2**30
-    loaded = {"load": "quantized while it loads (lorakit.load(quant=...))",
-              "wrap": "quantized on the GPU after a full-precision load (wrap(model, quant=...))"}[quant_path]
     lines = [f"{model} on a GPU with {gpu_memory / gib:.1f} GiB, sequence {seq_len} "
              "(device memory = simulated reserved + CUDA context)"]
     if any(r.method == "qlora" for r in rows):
-        lines.append(f"QLoRA's model: {loaded}")
+        lines.append(f"QLoRA's model: {QUANT_PATHS[quant_path]}")
     lines += [
              f"{'method':8s} {'checkpointing':13s} {'batch 1':>10s} {'fits':>5s} {'largest batch':>14s} {'at':>10s}"]
     for r in rows:

@@ -15,7 +15,10 @@ from __future__ import annotations
 from typing import Any
 
 
-QUANT_PATHS = ("load", "wrap")
+# How a quantized model gets onto the GPU: one text for simulate, fit and the CLI's --quant-path
+QUANT_PATHS = {"load": "quantized weight by weight while it loads (lorakit.load(quant=...), "
+                       "from_pretrained(quantization_config=...))",
+               "wrap": "quantized on the GPU after a full-precision load (wrap(model, quant=...))"}
 
 
 def materialise(net: Any, loaded_dtype: Any = None, quant_path: str = "load") -> None:
