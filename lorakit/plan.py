@@ -302,7 +302,7 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
         refused = {n: rule.reason for n, rule in ruled.items() if not rule.lora}
         refused.update({n: why for n, why in tied_layers(model).items() if n in found})
         targets = [_target(model, name, found[name][0], lora)
-                   for name in resolve_targets(model, lora, chosen, block_lists, full, lora.targets, refused)]
+                   for name in resolve_targets(model, lora, chosen, block_lists, full, lora.targets, refused, found)]
         lora, defaults = parameter_target_rules(lora, defaults, targets)
         skipped += [(n, "trained in full") for n in full]
         skipped += left_out(model, found, chosen, block_lists, lora, targets,

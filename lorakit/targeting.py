@@ -59,10 +59,10 @@ def candidates(model: Any, block_lists: list[str]) -> dict[str, tuple[str, str]]
 
 
 def resolve_targets(model: Any, lora: Lora, preset: Preset, block_lists: list[str], full: list[str],
-                     wanted: Any, refused: dict[str, str]) -> list[str]:
-    """The full names of the modules `wanted` (a target, a group, "all-linear" or a list) selects; `refused`
-    (name -> why) are candidates that cannot take LoRA, left out of every selection and an error to name."""
-    found = candidates(model, block_lists)
+                     wanted: Any, refused: dict[str, str], found: dict[str, tuple[str, str]]) -> list[str]:
+    """The full names of the candidates (`found`, see `candidates`) that `wanted` (a target, a group,
+    "all-linear" or a list) selects; `refused` (name -> why) cannot take LoRA: left out of every selection,
+    and an error to name."""
     output = output_embedding_names(model)
     excluded = set(full) | output | set(refused)
     chosen: set[str] = set()
