@@ -151,6 +151,7 @@ def extrapolated(two: Any, three: Any, blocks: int) -> Any:
     result = dataclasses.replace(three, peak_allocated=peak["peak_allocated"], peak_step=peak["step"], peak_phase=peak["phase"],
                      peak_module=peak["module"], breakdown=peak["breakdown"], phase_peaks=phases,
                      setup_allocated=grow(two.setup_allocated, three.setup_allocated),
+                     host_peak=grow(two.host_peak, three.host_peak), step_flops=grow(two.step_flops, three.step_flops),
                      peak_reserved=max(p["reserved"] for p in phases))
     result.steps = []
     for step in three.steps:
