@@ -16,7 +16,7 @@ from typing import Any
 from .accounting import OPTIMIZERS
 from .errors import LorakitError, SpecError
 from .files import atomic_path, refuse_existing, write_text_atomic
-from .fit import fit, parse_memory, render_fit, rows_json
+from .fit import choices_json, fit, parse_memory, render_fit
 from .gguf_export import GGUF_TYPES
 from .load import TASKS, build_from_config, resolve_config
 from .materialise import QUANT_PATHS
@@ -116,16 +116,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
     limit = parse_memory(args.gpu_memory)  # before any simulation
     lora = Lora(**{k: v for k, v in {"r": args.lora_r, "alpha": args.lora_alpha, "targets": args.lora_targets}.items()
                    if v is not None})
+    text = args.global_batch.strip()
+    if not text.isdigit() or int(text) < 1:
+        raise LorakitError(f"cannot read a global batch from {args.global_batch!r}",
+                           hint="give a positive whole number: micro-batch x gradient accumulation, e.g. 32")
     show = _progress_line("simulating")
-    rows = fit(args.model, limit, seq_len=args.seq_len, lora=lora, attn=args.attn, optimizer=args.optimizer,
-               task=args.task, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-               methods=tuple(args.method or ("full", "lora", "qlora")), quant_path=args.quant_path, progress=show)
+    choices = fit(args.model, limit, seq_len=args.seq_len, global_batch=int(text), lora=lora, attn=args.attn,
+                  optimizer=args.optimizer, task=args.task, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                  methods=tuple(args.method or ("full", "lora", "qlora")), quant_path=args.quant_path, progress=show)
     show(None)
     if args.format == "json":
         print(json.dumps({"model": args.model, "gpu_memory": limit, "seq_len": args.seq_len,
-                          "quant_path": args.quant_path, "rows": rows_json(rows)}, indent=2))
+                          "global_batch": int(text), "quant_path": args.quant_path,
+                          "methods": choices_json(choices)}, indent=2))
     else:
-        sys.stdout.write(render_fit(rows, args.model, limit, args.seq_len, args.quant_path))
+        sys.stdout.write(render_fit(choices, args.model, limit, args.seq_len, int(text), args.quant_path))
     return 0
 
 
@@ -221,12 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge_cmd.add_argument("--force", action="store_true", help="replace an existing --out (and --gguf)")
     merge_cmd.set_defaults(func=cmd_merge)
 
-    fit_cmd = sub.add_parser("fit", help="which of full fine-tuning, LoRA and QLoRA fit on a GPU, largest batch",
-                         description="Simulated training steps (fake tensors, no GPU needed) for each method, "
-                         "gradient checkpointing off and on.")
+    fit_cmd = sub.add_parser("fit", help="for full fine-tuning, LoRA and QLoRA: the cheapest configuration that fits",
+                             description="Simulated training steps (fake tensors, no GPU needed) for each method, "
+                             "trying the memory levers cheapest first: chunked loss, gradient checkpointing, "
+                             "activation offload, 8-bit optimizer, then smaller micro-batches with gradient "
+                             "accumulation. --format json gives lorakit.training_args keywords.")
     _add_model_args(fit_cmd)
     fit_cmd.add_argument("--gpu-memory", required=True, help="e.g. 24GiB, 80GB")
     fit_cmd.add_argument("--seq-len", type=int, default=2048)
+    fit_cmd.add_argument("--global-batch", default="1",
+                         help="sequences per optimizer step (micro-batch x gradient accumulation); default 1")
     fit_cmd.add_argument("--lora-r", type=int, help="default: the family preset's")
     fit_cmd.add_argument("--lora-alpha", type=float)
     fit_cmd.add_argument("--lora-targets", help="default: the family preset's")
