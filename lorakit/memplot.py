@@ -50,6 +50,7 @@ def memory_plot(sim: Any, path: str, gpu_memory: int | None = None, force: bool 
         import matplotlib
 
         matplotlib.use("Agg")
+        matplotlib.rcParams["svg.fonttype"] = "none"  # text stays text in an SVG: searchable, smaller
         import matplotlib.pyplot as plt
     except ImportError:
         raise LorakitError("the memory plot needs matplotlib, which is not installed",
