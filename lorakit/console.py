@@ -1,7 +1,8 @@
 """What the `lorakit` command shows besides its results: the version, a progress line, and nothing else.
 
-Every command prints its own lines only: transformers' progress bars and log lines ("Loading weights") and the
-Python warnings of the libraries under lorakit are kept out; lorakit's own warnings and log lines still show.
+Every command prints its own lines only: transformers' progress bars and log lines ("Loading weights"),
+DeepSpeed's notices (printed to stdout when accelerate imports it) and the Python warnings of the libraries
+under lorakit are kept out; lorakit's own warnings and log lines still show.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ def version() -> str:
 def quiet(loads_transformers: bool) -> Iterator[None]:
     """See the module docstring. `loads_transformers`: the command imports transformers anyway, so its logging
     switches cost nothing more (others do not pay the import)."""
-    with warnings.catch_warnings():
+    deepspeed = logging.getLogger("DeepSpeed")  # from its import on, DeepSpeed logs to stdout, not propagating
+    deepspeed.addFilter(_errors_only)
+    with warnings.catch_warnings(), _finally(lambda: deepspeed.removeFilter(_errors_only)):
         warnings.filterwarnings("ignore")
         warnings.filterwarnings("default", module=r"lorakit(\.|$)")
         if not loads_transformers:
@@ -44,6 +47,18 @@ def quiet(loads_transformers: bool) -> Iterator[None]:
             hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()
+
+
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
+@contextlib.contextmanager
+def _finally(undo: Callable[[], None]) -> Iterator[None]:
+    try:
+        yield
+    finally:
+        undo()
 
 
 def progress_line(label: str) -> Callable[[str | None], None]:

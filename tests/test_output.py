@@ -9,6 +9,9 @@ back by their own readers (matplotlib's PNG reader, an XML parser).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tomllib
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -90,3 +93,14 @@ def test_merge_prints_its_own_lines_only(tmp_path, capsys):
     out = capsys.readouterr()
     assert out.err == ""
     assert [line.split()[0] for line in out.out.splitlines()] == ["wrote", "verified:"]
+
+
+def test_deepspeeds_stdout_notice_is_kept_out():
+    """accelerate imports DeepSpeed where it is installed, and DeepSpeed prints a notice to stdout (not a
+    warning, not stderr) on its first accelerator lookup: in a fresh process, as a user's command meets it."""
+    pytest.importorskip("deepspeed")
+    code = ("from lorakit.console import quiet\nwith quiet(True):\n    from deepspeed.accelerator import "
+            "get_accelerator\n    get_accelerator()\nprint('done')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert (done.returncode, done.stdout, done.stderr) == (0, "done\n", "")
