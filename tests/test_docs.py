@@ -108,13 +108,24 @@ def test_the_readme_is_a_front_page():
     assert test_command.strip() in ci, ".ci/run runs the README's test command, exactly"
 
 
-def test_relative_links_point_at_files_that_exist():
+def anchors(path: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+def test_relative_links_point_at_files_and_headings_that_exist():
     missing = []
     for path in PAGES:
         text = re.sub(r"^```.*?^```", "", path.read_text(), flags=re.M | re.S)
-        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
-            if not re.match(r"[a-z]+:", target) and not (path.parent / target).exists():
+        for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            page = path.parent / target if target else path
+            if not page.exists():
                 missing.append(f"{path.relative_to(ROOT)} -> {target}")
+            elif anchor and page.suffix == ".md" and anchor not in anchors(page):
+                missing.append(f"{path.relative_to(ROOT)} -> {target}#{anchor}")
     assert missing == []
 
 
