@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 from typing import Any
 
+KINDS = ("weights", "gradients", "optimizer state", "activations", "temporaries", "workspace")  # the breakdown's
+
 
 @contextlib.contextmanager
 def module_names(net: Any, counter: Any):
@@ -94,8 +96,7 @@ def timeline(counter: Any, step: int, peak_index: int, free_at: dict, starts: di
     first = starts.get((step, "forward"), 0)
     last = starts.get((step, "end"), len(counter.events))
     stretch = max(1, -(-(last - first) // points))
-    kinds = ("weights", "gradients", "optimizer state", "activations", "temporaries", "workspace")
-    live = dict.fromkeys(kinds, 0)
+    live = dict.fromkeys(KINDS, 0)
     samples: list[tuple[int, list[int]]] = []
     best: tuple[int, int, list[int]] | None = None  # (total, index, bytes by kind) in the current stretch
     for index, sid in enumerate(counter.events[:last]):
@@ -110,7 +111,7 @@ def timeline(counter: Any, step: int, peak_index: int, free_at: dict, starts: di
             samples.append((best[1], best[2]))
             best = None
     phases = sorted((i, phase) for (s, phase), i in starts.items() if s == step and first <= i < last)
-    return {"step": step, "kinds": list(kinds), "events": [i - first for i, _ in samples],
+    return {"step": step, "kinds": list(KINDS), "events": [i - first for i, _ in samples],
             "bytes": [b for _, b in samples], "phases": [(phase, i - first) for i, phase in phases],
             "peak_event": peak_index - first}
 
@@ -141,7 +142,7 @@ def _breakdown(counter: Any, peak_index: int, free_at: dict, starts: dict) -> di
             alive.add(sid)
         else:
             alive.discard(-sid)
-    out = dict.fromkeys(("weights", "gradients", "optimizer state", "activations", "temporaries", "workspace"), 0)
+    out = dict.fromkeys(KINDS, 0)
     for sid in alive:
         storage = counter.storages[sid]
         out[_category(storage, sid, free_at, starts)] += storage.size
