@@ -35,6 +35,7 @@ from typing import Any
 from .allocator import CachingAllocator
 from .errors import LorakitError, SpecError
 from .materialise import QUANT_PATHS, materialise, prepare_bitsandbytes, state_tensors
+from .memplot import memory_plot
 from .batches import sample_batch
 from .load import auto_class, check_task, resolve_config, task_from_config, with_architectures
 from .plan import check_init, model_task
@@ -67,14 +68,21 @@ class Simulation:
     phase_peaks: list[dict] = field(default_factory=list)  # per step and phase: the most allocated
     host_peak: int = 0           # offloaded activations at most, in host memory (activation_offload)
     step_flops: int = 0          # matmul/attention FLOPs of one step, recomputation included (FlopCounterMode)
+    timeline: dict | None = None  # bytes by kind over the peak step (stepping.timeline); None when extrapolated
 
     @property
     def device_total(self) -> int:
         """Reserved + CUDA context: about what nvidia-smi shows for the process."""
         return self.peak_reserved + self.cuda_context
 
-    def to_dict(self) -> dict:
-        return dict(asdict(self), device_total=self.device_total)
+    def to_dict(self) -> dict:  # without the timeline: the picture's data, not a figure
+        return dict({k: v for k, v in asdict(self).items() if k != "timeline"}, device_total=self.device_total)
+
+    def plot(self, path: str, gpu_memory: int | None = None, force: bool = False) -> None:
+        """Draw device memory over the ops of the peak step, stacked by kind, to a .png or .svg (`memplot`);
+        `gpu_memory` (bytes) draws the GPU's capacity. Needs a run with `extrapolate=False` on a model of many
+        identical blocks (the 2- and 3-block runs are not its timeline)."""
+        memory_plot(self, path, gpu_memory=gpu_memory, force=force)
 
 
 def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freeze | str | None = None,

@@ -14,9 +14,9 @@ import lorakit
 
 PACKAGE = Path(lorakit.__file__).parent
 LAYERS = [
-    ["errors"],
+    ["errors", "console"],
     ["files", "specs"],
-    ["names", "zoo", "allocator", "materialise", "stepping", "gguf_source", "batches"],
+    ["names", "zoo", "allocator", "materialise", "stepping", "gguf_source", "batches", "memplot"],
     ["state", "counting"],
     ["targeting"],
     ["plan"],
