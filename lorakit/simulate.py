@@ -37,6 +37,7 @@ from .errors import LorakitError, SpecError
 from .materialise import QUANT_PATHS, materialise, prepare_bitsandbytes, state_tensors
 from .memplot import memory_plot
 from .batches import sample_batch
+from .levers import chunked_loss, chunked_loss_blocker, offloaded_activations, uncast_lora_inputs
 from .load import auto_class, check_task, resolve_config, task_from_config, with_architectures
 from .plan import check_init, model_task
 from .specs import Freeze, Lora, Quant, torch_dtype
@@ -205,8 +206,6 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
 
 def _chunked_loss(net: Any, task: str, asked: bool | None) -> tuple[bool, list[str]]:
     """Whether the step uses the chunked causal-LM loss, as `LoraTrainer` decides it, and the note saying why not."""
-    from .levers import chunked_loss_blocker
-
     if asked is False:
         return False, []
     if task != "causal-lm":
@@ -387,15 +386,16 @@ def _optimizer(net: Any, optimizer: str) -> Any:
     if optimizer == "sgd":
         return torch.optim.SGD(params, lr=5e-5)
     import bitsandbytes as bnb
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    return bnb.optim.AdamW8bit(params, lr=5e-5)
+    with unset_fake_temporarily():  # its quantization maps are built with .tolist(): real values, a few KiB
+        return bnb.optim.AdamW8bit(params, lr=5e-5)
 
 
 def _run_steps(net: Any, batch: dict, counter: Any, optimizer_name: str, autocast: str | None, steps: int,
                chunked: bool, offload: bool, uncast: bool) -> None:
     import torch
 
-    from .levers import chunked_loss, offloaded_activations, uncast_lora_inputs
     from .stepping import module_names
 
     optimizer = _optimizer(net, optimizer_name)
@@ -436,8 +436,6 @@ def _run_steps(net: Any, batch: dict, counter: Any, optimizer_name: str, autocas
 
 def _step_flops(net: Any, inputs: dict, autocast: str | None, chunked: bool) -> int:
     import torch
-
-    from .levers import chunked_loss
 
     counter = step_flop_counter()
     with counter, torch.autocast("cpu", dtype=getattr(torch, autocast or "bfloat16"), enabled=autocast is not None), \

@@ -15,7 +15,7 @@ import lorakit
 PACKAGE = Path(lorakit.__file__).parent
 LAYERS = [
     ["errors", "console"],
-    ["files", "specs"],
+    ["files", "specs", "levers"],
     ["names", "zoo", "allocator", "materialise", "stepping", "gguf_source", "batches", "memplot"],
     ["state", "counting"],
     ["targeting"],

@@ -74,7 +74,13 @@ def test_a_linear_logit_scale_is_kept(model_type, scale):
 
 
 def test_real_smollm2_chunked_loss_equals_the_standard_loss(smollm2):
-    model = _wrapped(smollm2.model())  # tied embeddings: lm_head's weight is the input embedding's
+    # tied embeddings: lm_head's weight is the input embedding's. lorakit's own LoRA start, B a little trained:
+    # 30 real layers under adapters of the random size _wrapped gives amplify float32 rounding ~20x
+    model = lorakit.wrap(smollm2.model().float(), lora=lorakit.Lora(r=4, targets="all-linear", dropout=0.0)).eval()
+    torch.manual_seed(0)
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=1e-3)
     ids = smollm2.tokenizer(["The capital of France is Paris.", "Two plus two is four, said the teacher."],
                             padding=True, return_tensors="pt")
     labels = ids["input_ids"].masked_fill(ids["attention_mask"] == 0, -100)
