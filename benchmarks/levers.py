@@ -61,6 +61,7 @@ def real_step(vocab: int = 32000, seq: int = 1024, repeats: int = 5) -> dict:
         trainer = lorakit.LoraTrainer(model=LlamaForCausalLM(config), args=args, train_dataset=[{"input_ids": ids[0]}],
                                       lora=lorakit.Lora(r=8, targets="all-linear"), check_gradients=False)
         model = trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which is not run here
         batch = {"input_ids": ids, "labels": ids}
         trainer.training_step(model, dict(batch))  # warm-up
         counter = LiveBytes(cuda=False, open_custom_ops=True)

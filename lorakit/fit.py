@@ -119,6 +119,12 @@ def _choose(method: str, spec: dict, limit: int, global_batch: int, progress: An
     while result.device_total > limit and micro > 1:  # smaller micro-batches, accumulated
         micro = max(1, micro // 2)
         result = run(levers, micro)
+    if micro < global_batch and result.device_total <= limit:  # at that micro-batch, maybe fewer levers do
+        for count in range(len(levers) - 1, -1, -1):
+            fewer = run(levers[:count], micro)
+            if fewer.device_total > limit:
+                break
+            levers, result = levers[:count], fewer
     fits = result.device_total <= limit
     return Choice(method, fits, levers, micro, -(-global_batch // micro), result.device_total, result.peak_allocated,
                   result.step_flops, result.step_flops / max(plain.step_flops * micro / global_batch, 1) - 1,

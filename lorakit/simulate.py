@@ -25,6 +25,7 @@ separately and labelled.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 import warnings
@@ -406,13 +407,13 @@ def _run_steps(net: Any, batch: dict, counter: Any, optimizer_name: str, autocas
     for value in inputs.values():
         if isinstance(value, torch.Tensor):
             counter.track(value)
-    with module_names(net, counter):
+    # LoRA inputs stay uncast in backward too: checkpointing recomputes the forward there
+    with module_names(net, counter), uncast_lora_inputs(net, uncast):
         for step in range(1, steps + 1):
             counter.set_phase(step, "forward")
             with torch.autocast("cpu", dtype=getattr(torch, autocast or "bfloat16"), enabled=autocast is not None), \
                     chunked_loss(net, "cuda") if chunked else contextlib.nullcontext(), \
-                    offloaded_activations() if offload else contextlib.nullcontext(), \
-                    uncast_lora_inputs(net, uncast):
+                    offloaded_activations() if offload else contextlib.nullcontext():
                 out = net(**inputs)
                 loss = out.loss if getattr(out, "loss", None) is not None else out[0].float().mean()  # no head
                 del out  # its logits and cache are Trainer's to drop at once too
@@ -463,6 +464,11 @@ def step_flop_counter() -> Any:
             rows, features = hidden_shape
             return 2 * rows * features * weight_shape[0] * (1 + bool(args[-3]) + bool(args[-2]))
         mapping[chunked] = mapping[chunked.default] = chunked_flops  # the overload too, or the mode decomposes it
+    gemm_4bit = getattr(getattr(torch.ops, "bitsandbytes", None), "gemm_4bit", None)
+    if gemm_4bit is not None:  # a 4-bit matmul: A [..., in] x the dequantized weight [out, in]
+        def gemm_4bit_flops(a_shape, packed_shape, shape, *args, out_shape=None, **kwargs) -> int:
+            return 2 * math.prod(a_shape[:-1]) * shape[0] * shape[1]
+        mapping[gemm_4bit] = mapping[gemm_4bit.default] = gemm_4bit_flops
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 

@@ -195,16 +195,14 @@ class LoraTrainer(Trainer):
     def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
         """Trainer's loss, with the memory levers on for training steps (`lorakit.levers`): the chunked causal-LM
-        loss (the forward's `logits` are then lm_head's inputs, which Trainer drops), activation offload, and
-        under mixed precision LoRA inputs left in the autocast dtype."""
+        loss (the forward's `logits` are then lm_head's inputs, which Trainer drops) and activation offload.
+        (Under mixed precision `training_step` leaves LoRA inputs in the autocast dtype.)"""
         with contextlib.ExitStack() as levers:
             if model.training and not return_outputs:
-                unwrapped = self.accelerator.unwrap_model(model)
                 if self._chunked_loss and "labels" in inputs:
-                    levers.enter_context(chunked_loss(unwrapped))
+                    levers.enter_context(chunked_loss(self.accelerator.unwrap_model(model)))
                 if self._offload:
                     levers.enter_context(offloaded_activations())
-                levers.enter_context(uncast_lora_inputs(unwrapped, self.args.bf16 or self.args.fp16))
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     # ---- before and during training ------------------------------------
@@ -236,8 +234,11 @@ class LoraTrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> Any:
+        # through backward, where checkpointing recomputes the forward (lorakit.levers)
+        uncast = uncast_lora_inputs(self.accelerator.unwrap_model(model), self.args.bf16 or self.args.fp16)
         try:
-            loss = super().training_step(model, inputs, num_items_in_batch)
+            with uncast:
+                loss = super().training_step(model, inputs, num_items_in_batch)
         except RuntimeError as exc:
             if "does not require grad" not in str(exc):
                 raise
