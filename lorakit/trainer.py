@@ -24,7 +24,7 @@ from typing import Any
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
-from .adapter import load_trained, save_extras, verify
+from .adapter import TRAINED, load_trained, save_extras, verify
 from .files import atomic_path
 from .checkpoints import TRASH, rotate, seal, verify_checkpoint
 from .data import VisionChatCollator
@@ -33,6 +33,7 @@ from .fit import memory_check_callback
 from .plan import model_task
 from .render import summary
 from .report import report
+from . import sharding
 from .state import state_of
 from .wrap import wrap
 
@@ -117,7 +118,9 @@ class LoraTrainer(Trainer):
                  freeze: Any = None, quant: Any = None, loraplus_ratio: float | None = None,
                  head_learning_rate: float | None = None, check_gradients: bool = True, **kwargs: Any):
         if lora is not None or freeze is not None or quant is not None:
-            model = wrap(model, lora=lora, freeze=freeze, quant=quant)
+            model = wrap(model, lora=lora, freeze=freeze, quant=sharding.quant_for(quant, args, model))
+        if model is not None:
+            sharding.check_storage(model, args)
         if model is not None and not any(p.requires_grad for p in model.parameters()):
             raise LorakitError("nothing in this model is trainable",
                                hint="wrap it with lora=... or freeze=..., or pass those specs to LoraTrainer")
@@ -177,6 +180,8 @@ class LoraTrainer(Trainer):
                 raise LorakitError(f"resume_from_checkpoint=True, but {run_dir} holds no checkpoint",
                                    hint="start a fresh run (no resume_from_checkpoint)")
             verify_checkpoint(Path(chosen))
+            if self.is_deepspeed_enabled:  # DeepSpeed restores its own checkpoint: _load_from_checkpoint is not run
+                verify(chosen, self.model)
             if self.args.should_save:  # a resume with no step left saves nothing, so clear up here too
                 _clear_leftovers(run_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -238,6 +243,21 @@ class LoraTrainer(Trainer):
 
     # ---- checkpoints ----------------------------------------------------
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer's save; a sharded model's trained tensors are gathered in full first (every rank takes part)
+        and rank 0 writes the adapter from them."""
+        if sharding.kind(self.args) is None:
+            return super().save_model(output_dir, _internal_call)
+        tensors = sharding.gather_trainable(self.model)
+        if self.args.should_save:
+            self._save(output_dir, state_dict=tensors)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.is_fsdp_enabled:  # Trainer would also save the whole model, base included
+            sharding.save_fsdp_optimizer(self, output_dir)
+        else:
+            super()._save_optimizer_and_scheduler(output_dir)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -256,7 +276,7 @@ class LoraTrainer(Trainer):
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
         if self.args.should_save:
-            save_extras(model, output_dir)
+            save_extras(model, output_dir, tensors=state_dict)
 
     def _get_output_dir(self, trial: Any) -> str:
         run_dir = super()._get_output_dir(trial)
@@ -299,6 +319,8 @@ class LoraTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
         verify(resume_from_checkpoint, unwrapped)
+        if self.is_fsdp_enabled:
+            return sharding.load_adapter_files(unwrapped, resume_from_checkpoint, TRAINED)
         if hasattr(unwrapped, "peft_config"):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_trained(unwrapped, Path(resume_from_checkpoint))

@@ -17,6 +17,7 @@ LAYERS = [
     ["errors"],
     ["files", "specs"],
     ["names", "zoo", "allocator", "materialise", "stepping", "gguf_source", "batches"],
+    ["sharding"],
     ["state", "counting"],
     ["targeting"],
     ["plan"],
