@@ -71,13 +71,15 @@ def fingerprint(model: Any) -> dict:
     import torch
 
     lines, sample = [], None
+    quant_states = {name: module.quant_state for name, module in model.named_modules()
+                    if getattr(module, "quant_state", None) is not None}
     for name, param in model.named_parameters():
         original = base_name(name)
         if original is None:
             continue
-        state = getattr(param, "quant_state", None)
-        if state is None:  # FSDP2 shards a 4-bit weight as a DTensor whose local part keeps the quant state
-            state = getattr(getattr(param, "_local_tensor", None), "quant_state", None)
+        # a sharded 4-bit weight (FSDP2's DTensor) lost its quant state; bitsandbytes keeps it on the module
+        module, _, kind = name.rpartition(".")
+        state = getattr(param, "quant_state", None) or (quant_states.get(module) if kind == "weight" else None)
         shape = tuple(state.shape) if state is not None else shape_of(param)
         lines.append(f"{original}:{shape}")
         has_values = not param.is_meta and type(param).__name__ != "FakeTensor"  # the memory simulator's

@@ -79,7 +79,8 @@ class Report(TrainerCallback):
             params = dict(trainer.model.named_parameters())
             self.seen = {"dtensors": sum(isinstance(p, DTensor) for p in params.values()),
                          "zero3_params": sum(hasattr(p, "ds_id") for p in params.values()),
-                         "engine": type(trainer.model_wrapped).__name__, "parameters": len(params)}
+                         "engine": type(trainer.model_wrapped).__name__, "parameters": len(params),
+                         "linear4bit": sum(type(m).__name__ == "Linear4bit" for m in trainer.model.modules())}
         if options.stop_after and state.global_step >= options.stop_after:
             control.should_training_stop = True
 
