@@ -125,6 +125,18 @@ def gather_trainable(model: Any) -> dict[str, Any]:
     return {name: param.detach().cpu().clone() for name, param in trained}
 
 
+def stepped(engine: Any) -> bool:
+    """Whether DeepSpeed applied an optimizer step in the last backward (not at a gradient accumulation
+    boundary, or skipped for an fp16 overflow: no)."""
+    return engine.is_gradient_accumulation_boundary() and engine.was_step_applied()
+
+
+def unchanged(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    import torch
+
+    return [name for name, value in before.items() if torch.equal(value, after[name])]
+
+
 def load_trainable(model: Any, tensors: dict[str, Any]) -> None:
     """Put full tensors (names as in `model.state_dict()`) into an FSDP2 model, each rank keeping its shard."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict

@@ -138,7 +138,7 @@ class LoraTrainer(Trainer):
             # Reentrant checkpointing with frozen inputs leaves LoRA without gradients.
             args.gradient_checkpointing_kwargs = {"use_reentrant": False}
         self.loraplus_ratio, self.head_learning_rate = loraplus_ratio, head_learning_rate
-        self._gradients_to_check = check_gradients
+        self._gradients_to_check, self._before_step = check_gradients, None
         super().__init__(model=model, args=args, **kwargs)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         if model_task(base) not in _TOKEN_AVERAGED_TASKS:
@@ -187,6 +187,8 @@ class LoraTrainer(Trainer):
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> Any:
+        if self._gradients_to_check and self.is_deepspeed_enabled and self._before_step is None:
+            self._before_step = sharding.gather_trainable(self.model)  # DeepSpeed steps inside backward
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
         except RuntimeError as exc:
@@ -194,16 +196,21 @@ class LoraTrainer(Trainer):
                 raise
             raise LorakitError("the loss does not depend on any trainable parameter: " + _GRADIENT_HINT[0],
                                hint=_GRADIENT_HINT[1]) from None
-        if self._gradients_to_check:
+        if self._gradients_to_check and (self._before_step is None or sharding.stepped(self.model_wrapped)):
             self._gradients_to_check = False
             self.check_gradients()
         return loss
 
     def check_gradients(self) -> None:
-        """Raise if a trainable parameter got no gradient, or a lora_B gradient is all zero."""
+        """Raise if a trainable parameter got no gradient, or a lora_B gradient is all zero. DeepSpeed keeps
+        gradients to itself and applies them within backward: there, a parameter the step left unchanged
+        (but lora_A, whose first gradient is zero while lora_B is)."""
         missing, dead = [], []
+        if self._before_step is not None:
+            after = sharding.gather_trainable(self.model)
+            missing = [n for n in sharding.unchanged(self._before_step, after) if "lora_A" not in n]
         for name, param in self.model.named_parameters():
-            if not param.requires_grad:
+            if not param.requires_grad or self._before_step is not None:
                 continue
             if param.grad is None:
                 missing.append(name)
