@@ -131,10 +131,13 @@ def stepped(engine: Any) -> bool:
     return engine.is_gradient_accumulation_boundary() and engine.was_step_applied()
 
 
-def unchanged(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+def unchanged(before: dict[str, Any], model: Any) -> list[str]:
+    """The trainable tensors a DeepSpeed step left as they were (`before`: `gather_trainable` ahead of it): they
+    got no gradient. Not lora_A, whose first gradient is zero as long as lora_B is."""
     import torch
 
-    return [name for name, value in before.items() if torch.equal(value, after[name])]
+    after = gather_trainable(model)
+    return [name for name, value in before.items() if "lora_A" not in name and torch.equal(value, after[name])]
 
 
 def load_trainable(model: Any, tensors: dict[str, Any]) -> None:

@@ -9,7 +9,8 @@ What it adds to Trainer, and nothing else:
     place, and verifies them (hashes, base) before resuming;
   * optimizer groups: LoRA+ ratio for B, a head learning rate, no weight
     decay on biases and norms.
-Distribution is Trainer's (accelerate): it runs unchanged under torchrun.
+Distribution is Trainer's (accelerate): it runs unchanged under torchrun, and sharded with FSDP2 or DeepSpeed
+ZeRO-2/3 (`training_args(fsdp=True, ...)` / `deepspeed=...`), for which `sharding` gathers the adapter on save.
 """
 
 from __future__ import annotations
@@ -202,15 +203,13 @@ class LoraTrainer(Trainer):
         return loss
 
     def check_gradients(self) -> None:
-        """Raise if a trainable parameter got no gradient, or a lora_B gradient is all zero. DeepSpeed keeps
-        gradients to itself and applies them within backward: there, a parameter the step left unchanged
-        (but lora_A, whose first gradient is zero while lora_B is)."""
+        """Raise if a trainable parameter got no gradient, or a lora_B gradient is all zero."""
         missing, dead = [], []
-        if self._before_step is not None:
-            after = sharding.gather_trainable(self.model)
-            missing = [n for n in sharding.unchanged(self._before_step, after) if "lora_A" not in n]
+        before, self._before_step = self._before_step, None
+        if before is not None:  # DeepSpeed keeps gradients to itself and applies them within backward
+            missing = sharding.unchanged(before, self.model)
         for name, param in self.model.named_parameters():
-            if not param.requires_grad or self._before_step is not None:
+            if not param.requires_grad or before is not None:
                 continue
             if param.grad is None:
                 missing.append(name)
