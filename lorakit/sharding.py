@@ -79,11 +79,11 @@ def check_storage(model: Any, args: Any) -> None:
     """Refuse a model quantized beforehand (lorakit.load(quant=...)) whose 4-bit storage cannot be sharded."""
     if kind(args) not in SHARDS_PARAMETERS:
         return
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     packed = {p.dtype for p in model.parameters() if type(p).__name__ == "Params4bit"}
-    wrong = packed - dtypes
+    wrong = {dtype for dtype in packed if not dtype.is_floating_point}  # uint8, bitsandbytes' default
     if wrong:
-        compute = str(next(iter(dtypes), "bfloat16")).removeprefix("torch.")
+        compute = str(next((p.dtype for p in model.parameters() if p.is_floating_point()), "bfloat16"))
+        compute = compute.removeprefix("torch.")
         raise LorakitError(f"{kind(args)} shards every parameter, but this 4-bit model stores its packed weights "
                            f"as {', '.join(sorted(str(d).removeprefix('torch.') for d in wrong))}",
                            hint=_storage_hint(compute))
@@ -126,9 +126,9 @@ def gather_trainable(model: Any) -> dict[str, Any]:
 
 
 def stepped(engine: Any) -> bool:
-    """Whether DeepSpeed applied an optimizer step in the last backward (not at a gradient accumulation
-    boundary, or skipped for an fp16 overflow: no)."""
-    return engine.is_gradient_accumulation_boundary() and engine.was_step_applied()
+    """Whether DeepSpeed applied an optimizer step in the last backward (between gradient accumulation
+    boundaries, or skipped for an fp16 overflow: no)."""
+    return engine.was_step_applied()
 
 
 def unchanged(before: dict[str, Any], model: Any) -> list[str]:
