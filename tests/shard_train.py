@@ -1,9 +1,9 @@
 """Helper for test_sharding: LoraTrainer runs, in one process or sharded under torchrun (gloo, CPU).
 
 usage: shard_train.py OUT MODE PER_DEVICE [--adapters lora,qlora,unused] [--stop-after N] [--resume]
-MODE: single | fsdp | zero2 | zero3; "unused" is LoRA plus a trainable layer the loss never reaches. Each adapter trains 4 steps into OUT/ADAPTER (checkpoint every 2 steps),
-then saves OUT/ADAPTER/final; --stop-after 2 ends after the first checkpoint (an interrupted run), --resume
-continues from the last one. Rank 0 prints `SEEN {adapter: what the model was inside training}`.
+MODE: single | fsdp | zero2 | zero3; "unused" is LoRA plus a trainable layer the loss never reaches.
+Each adapter trains 4 steps into OUT/ADAPTER (checkpoint every 2 steps), then saves OUT/ADAPTER/final;
+--stop-after 2 ends after the first checkpoint (an interrupted run), --resume continues from the last one. Rank 0 prints `SEEN {adapter: what the model was inside training}`.
 """
 
 import argparse
@@ -74,7 +74,8 @@ def run(out, mode, per_device, adapter, stop_after, resume):
                 seen.update(dtensors=sum(isinstance(p, DTensor) for p in params.values()),
                             zero3_params=sum(hasattr(p, "ds_id") for p in params.values()),
                             parameters=len(params), engine=type(trainer.model_wrapped).__name__,
-                            linear4bit=sum(type(m).__module__.startswith("bitsandbytes") for m in trainer.model.modules()))
+                            linear4bit=sum(type(m).__module__.startswith("bitsandbytes")
+                                           for m in trainer.model.modules()))
             if stop_after and state.global_step >= stop_after:
                 control.should_training_stop = True
 
