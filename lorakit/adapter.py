@@ -29,11 +29,12 @@ TRAINED = "lorakit_trained.safetensors"
 _PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
-def trained_outside_peft(model: Any) -> dict:
+def trained_outside_peft(model: Any, tensors: dict | None = None) -> dict:
     """Trainable base parameters that peft's adapter files do not hold (freeze-only training, or
-    blocks left unfrozen beside LoRA), by their base names."""
-    return {base_name(n): p.detach().contiguous().cpu() for n, p in model.named_parameters()
-            if p.requires_grad and base_name(n) is not None}
+    blocks left unfrozen beside LoRA), by their base names; their values from `tensors` (by parameter name,
+    gathered from a sharded model) where given."""
+    return {base_name(n): (p if tensors is None else tensors[n]).detach().contiguous().cpu()
+            for n, p in model.named_parameters() if p.requires_grad and base_name(n) is not None}
 
 
 def versions() -> dict:
@@ -48,14 +49,15 @@ def versions() -> dict:
     return found
 
 
-def save_extras(model: Any, folder: str | Path) -> None:
+def save_extras(model: Any, folder: str | Path, tensors: dict | None = None) -> None:
     """Beside peft's files: the trained-in-full tensors and the manifest (written last, atomically).
-    peft records the base by its local path; lorakit puts the portable id in its place."""
+    peft records the base by its local path; lorakit puts the portable id in its place. `tensors`: the
+    trained values gathered from a sharded model (`sharding.gather_trainable`), by parameter name."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     state = state_of(model)
-    extra = trained_outside_peft(model)
+    extra = trained_outside_peft(model, tensors)
     if extra:
         with atomic_path(folder / TRAINED) as tmp:
             save_file(extra, tmp, metadata={"format": "pt"})

@@ -23,9 +23,10 @@ TRASH = ".lorakit-trash-"  # a checkpoint being deleted: renamed aside first, so
 
 
 def seal(folder: Path) -> None:
-    """Record the sha256 of every file of a finished checkpoint folder."""
-    write_json_atomic(folder / CHECKSUMS, {p.name: sha256_file(p) for p in sorted(folder.iterdir())
-                                           if p.is_file() and p.name != CHECKSUMS})
+    """Record the sha256 of every file of a finished checkpoint folder, those in its subfolders too (DeepSpeed
+    writes its state into global_stepN/, FSDP's sharded optimizer state is a folder), by relative path."""
+    files = [p for p in sorted(folder.rglob("*")) if p.is_file() and p != folder / CHECKSUMS]
+    write_json_atomic(folder / CHECKSUMS, {p.relative_to(folder).as_posix(): sha256_file(p) for p in files})
 
 
 def verify_checkpoint(folder: Path) -> None:

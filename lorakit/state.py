@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .names import base_name
+from .sharding import full_value, shape_of
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -64,21 +65,27 @@ def state_of(model: Any) -> State | None:
 
 def fingerprint(model: Any) -> dict:
     """What identifies a base: its parameter names and real shapes, and a few of its embedding values
-    (left out on the meta device, where there are none)."""
+    (left out on the meta device, where there are none). A sharded model (FSDP2, ZeRO-3) gives the same
+    fingerprint as the whole one, on every rank: its full shapes, and the sample gathered in full (every
+    rank meets the same parameter first, so all take part in that one gather)."""
     import torch
 
     lines, sample = [], None
+    quant_states = {name: module.quant_state for name, module in model.named_modules()
+                    if getattr(module, "quant_state", None) is not None}
     for name, param in model.named_parameters():
         original = base_name(name)
         if original is None:
             continue
-        state = getattr(param, "quant_state", None)
-        shape = tuple(state.shape) if state is not None else tuple(param.shape)
+        # a sharded 4-bit weight (FSDP2's DTensor) lost its quant state; bitsandbytes keeps it on the module
+        module, _, kind = name.rpartition(".")
+        state = getattr(param, "quant_state", None) or (quant_states.get(module) if kind == "weight" else None)
+        shape = tuple(state.shape) if state is not None else shape_of(param)
         lines.append(f"{original}:{shape}")
         has_values = not param.is_meta and type(param).__name__ != "FakeTensor"  # the memory simulator's
         if (sample is None and param.is_floating_point() and has_values and "embed" in original
                 and math.prod(shape) >= 16):
-            sample = param.detach().flatten()[:1024].to(torch.float32).cpu().numpy().tobytes()
+            sample = full_value(param).flatten()[:1024].to(torch.float32).cpu().numpy().tobytes()
     config = getattr(model, "config", None)
     return {"model_type": getattr(config, "model_type", type(model).__name__),
             "shapes_sha256": hashlib.sha256("\n".join(sorted(lines)).encode()).hexdigest(),

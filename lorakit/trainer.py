@@ -9,7 +9,8 @@ What it adds to Trainer, and nothing else:
     place, and verifies them (hashes, base) before resuming;
   * optimizer groups: LoRA+ ratio for B, a head learning rate, no weight
     decay on biases and norms.
-Distribution is Trainer's (accelerate): it runs unchanged under torchrun.
+Distribution is Trainer's (accelerate): it runs unchanged under torchrun, and sharded with FSDP2 or DeepSpeed
+ZeRO-2/3 (`training_args(fsdp=True, ...)` / `deepspeed=...`), for which `sharding` gathers the adapter on save.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, IntervalStrategy
 
-from .adapter import load_trained, save_extras, verify
+from .adapter import TRAINED, load_trained, save_extras, verify
 from .files import atomic_path
 from .checkpoints import TRASH, rotate, seal, verify_checkpoint
 from .data import VisionChatCollator
@@ -35,6 +36,7 @@ from .levers import chunked_loss, chunked_loss_blocker, offloaded_activations, u
 from .plan import model_task
 from .render import summary
 from .report import report
+from . import sharding
 from .state import state_of
 from .wrap import wrap
 
@@ -135,7 +137,9 @@ class LoraTrainer(Trainer):
                  freeze: Any = None, quant: Any = None, loraplus_ratio: float | None = None,
                  head_learning_rate: float | None = None, check_gradients: bool = True, **kwargs: Any):
         if lora is not None or freeze is not None or quant is not None:
-            model = wrap(model, lora=lora, freeze=freeze, quant=quant)
+            model = wrap(model, lora=lora, freeze=freeze, quant=sharding.quant_for(quant, args, model))
+        if model is not None:
+            sharding.check_storage(model, args)
         if model is not None and not any(p.requires_grad for p in model.parameters()):
             raise LorakitError("nothing in this model is trainable",
                                hint="wrap it with lora=... or freeze=..., or pass those specs to LoraTrainer")
@@ -153,7 +157,7 @@ class LoraTrainer(Trainer):
             # Reentrant checkpointing with frozen inputs leaves LoRA without gradients.
             args.gradient_checkpointing_kwargs = {"use_reentrant": False}
         self.loraplus_ratio, self.head_learning_rate = loraplus_ratio, head_learning_rate
-        self._gradients_to_check = check_gradients
+        self._gradients_to_check, self._before_step = check_gradients, None
         super().__init__(model=model, args=args, **kwargs)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._chunked_loss = self._choose_loss(model_task(base), getattr(args, "lorakit_chunked_loss", None))
@@ -229,6 +233,8 @@ class LoraTrainer(Trainer):
                 raise LorakitError(f"resume_from_checkpoint=True, but {run_dir} holds no checkpoint",
                                    hint="start a fresh run (no resume_from_checkpoint)")
             verify_checkpoint(Path(chosen))
+            if self.is_deepspeed_enabled:  # DeepSpeed restores its own checkpoint: _load_from_checkpoint is not run
+                verify(chosen, self.model)
             if self.args.should_save:  # a resume with no step left saves nothing, so clear up here too
                 _clear_leftovers(run_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
@@ -236,6 +242,8 @@ class LoraTrainer(Trainer):
     def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> Any:
         # through backward, where checkpointing recomputes the forward (lorakit.levers)
         uncast = uncast_lora_inputs(self.accelerator.unwrap_model(model), self.args.bf16 or self.args.fp16)
+        if self._gradients_to_check and self.is_deepspeed_enabled and self._before_step is None:
+            self._before_step = sharding.gather_trainable(self.model)  # DeepSpeed steps inside backward
         try:
             with uncast:
                 loss = super().training_step(model, inputs, num_items_in_batch)
@@ -244,7 +252,7 @@ class LoraTrainer(Trainer):
                 raise
             raise LorakitError("the loss does not depend on any trainable parameter: " + _GRADIENT_HINT[0],
                                hint=_GRADIENT_HINT[1]) from None
-        if self._gradients_to_check:
+        if self._gradients_to_check and (self._before_step is None or sharding.stepped(self.model_wrapped)):
             self._gradients_to_check = False
             self.check_gradients()
         return loss
@@ -252,8 +260,11 @@ class LoraTrainer(Trainer):
     def check_gradients(self) -> None:
         """Raise if a trainable parameter got no gradient, or a lora_B gradient is all zero."""
         missing, dead = [], []
+        before, self._before_step = self._before_step, None
+        if before is not None:  # DeepSpeed keeps gradients to itself and applies them within backward
+            missing = sharding.unchanged(before, self.model)
         for name, param in self.model.named_parameters():
-            if not param.requires_grad:
+            if not param.requires_grad or before is not None:
                 continue
             if param.grad is None:
                 missing.append(name)
@@ -293,6 +304,21 @@ class LoraTrainer(Trainer):
 
     # ---- checkpoints ----------------------------------------------------
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Trainer's save; a sharded model's trained tensors are gathered in full first (every rank takes part)
+        and rank 0 writes the adapter from them."""
+        if sharding.kind(self.args) is None:
+            return super().save_model(output_dir, _internal_call)
+        tensors = sharding.gather_trainable(self.model)
+        if self.args.should_save:
+            self._save(output_dir, state_dict=tensors)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if self.is_fsdp_enabled:  # Trainer would also save the whole model, base included
+            sharding.save_fsdp_optimizer(self, output_dir)
+        else:
+            super()._save_optimizer_and_scheduler(output_dir)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         output_dir = output_dir or self.args.output_dir
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -311,7 +337,7 @@ class LoraTrainer(Trainer):
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
         if self.args.should_save:
-            save_extras(model, output_dir)
+            save_extras(model, output_dir, tensors=state_dict)
 
     def _get_output_dir(self, trial: Any) -> str:
         run_dir = super()._get_output_dir(trial)
@@ -354,6 +380,8 @@ class LoraTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         unwrapped = self.accelerator.unwrap_model(model if model is not None else self.model)
         verify(resume_from_checkpoint, unwrapped)
+        if self.is_fsdp_enabled:
+            return sharding.load_adapter_files(unwrapped, resume_from_checkpoint, TRAINED)
         if hasattr(unwrapped, "peft_config"):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_trained(unwrapped, Path(resume_from_checkpoint))

@@ -14,11 +14,11 @@ from test_trainer import args, token_data  # noqa: E402
 real_save_extras = lorakit.trainer.save_extras
 
 
-def dying_save_extras(model, folder):
+def dying_save_extras(model, folder, **kwargs):
     if str(folder).endswith("checkpoint-4"):
         # the adapter files of checkpoint-4 are half written: die now
         os.kill(os.getpid(), signal.SIGKILL)
-    real_save_extras(model, folder)
+    real_save_extras(model, folder, **kwargs)
 
 
 lorakit.trainer.save_extras = dying_save_extras

@@ -17,6 +17,7 @@ LAYERS = [
     ["errors", "console"],
     ["files", "specs", "levers"],
     ["names", "zoo", "allocator", "materialise", "stepping", "gguf_source", "batches", "memplot"],
+    ["sharding"],
     ["state", "counting"],
     ["targeting"],
     ["plan"],
