@@ -32,7 +32,7 @@ __version__ = "0.1.0"
 
 # Imported on first use: they pull in transformers.Trainer, datasets or evaluate.
 _LAZY = {
-    "LoraTrainer": "trainer", "training_args": "trainer", "load_adapter": "adapter",
+    "LoraTrainer": "trainer", "training_args": "arguments", "load_adapter": "adapter",
     "classification_metrics": "metrics", "load_metric": "metrics",
     "classification_data": "data", "causal_lm_data": "data", "collator": "data", "merge": "merging",
     "chat_data": "chat", "gguf_checkpoint": "gguf_source",

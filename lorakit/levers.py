@@ -32,6 +32,8 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
+from .errors import LorakitError
+
 # What a forward may do to the logits between `self.lm_head(...)` and its loss: linear scales, which give the
 # same logits when applied to the head's input (lm_head has no bias), and the lines around them.
 _KEPT_LINES = re.compile(r"^(#.*|loss = None|if labels is not None:|logits = logits \* self\.logit_scale.*|"
@@ -93,6 +95,24 @@ def _unskipped(lines: list[str]) -> Iterator[str]:
         dead_below = indent if _SOFTCAP_BRANCH.match(line.strip()) else None
         if dead_below is None:
             yield line.strip()
+
+
+def use_chunked_loss(model: Any, task: str, asked: bool | None, blocker: str | None = None) -> tuple[bool, str | None]:
+    """Whether a training step of `model` uses the chunked loss, as `LoraTrainer` and `simulate` decide it:
+    (yes or no, why not). `asked` is the user's chunked_loss (None: wherever it gives the standard loss);
+    `blocker`, a reason of the caller's own. Asked for where it cannot be: a `LorakitError` with the fix."""
+    if asked is False:
+        return False, None
+    if task != "causal-lm":
+        if asked:
+            raise LorakitError(f"chunked_loss=True is a causal-LM loss; this model's task is {task}",
+                               hint="leave chunked_loss unset: the model's own loss is used")
+        return False, None
+    blocker = chunked_loss_blocker(model) or blocker
+    if blocker and asked:
+        raise LorakitError(f"chunked_loss=True, but it would not give this model's loss: {blocker}",
+                           hint="leave chunked_loss unset to train with the standard loss")
+    return blocker is None, blocker
 
 
 def chunked_loss_options(device_type: str, dtype: Any, rows: int, features: int, classes: int) -> Any:

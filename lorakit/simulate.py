@@ -25,7 +25,6 @@ separately and labelled.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 import warnings
@@ -38,10 +37,11 @@ from .errors import LorakitError, SpecError
 from .materialise import QUANT_PATHS, materialise, prepare_bitsandbytes, state_tensors
 from .memplot import memory_plot
 from .batches import sample_batch
-from .levers import chunked_loss, chunked_loss_blocker, offloaded_activations, uncast_lora_inputs
+from .levers import use_chunked_loss
 from .load import auto_class, check_task, resolve_config, task_from_config, with_architectures
 from .plan import check_init, model_task
 from .specs import Freeze, Lora, Quant, torch_dtype
+from .training_step import run_steps, step_flops
 from .wrap import wrap
 
 ATTENTION = {"sdpa": "sdpa", "eager": "eager", "flash": "sdpa"}
@@ -182,7 +182,8 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
             net = wrap(net, lora=lora, freeze=freeze, quant=quant, preset=preset)
     if not any(p.requires_grad for p in net.parameters()):
         raise SpecError("nothing in this model is trainable", hint="give a LoRA spec or a freeze spec")
-    chunked, notes = _chunked_loss(net, task, chunked_loss)
+    chunked, why_not = use_chunked_loss(net, task, chunked_loss)
+    notes = [f"standard causal-LM loss (LoraTrainer's too): {why_not}"] if why_not else []
     if gradient_checkpointing:
         checkpoint(net)
     net.train()
@@ -195,30 +196,14 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
                 counter.track(tensor)
             setup = counter.live
             with cuda_kernels(), _without_value_checks():
-                _run_steps(net, inputs, counter, optimizer, autocast, steps, chunked, activation_offload,
-                           autocast is not None and not peft_input_cast)
+                run_steps(net, inputs, counter, optimizer, autocast, steps, chunked, activation_offload,
+                          autocast is not None and not peft_input_cast)
         # a step of its own: FlopCounterMode beside LiveBytes changes what checkpointing keeps
-        flops = _step_flops(net, inputs, autocast, chunked) if count_flops else 0
+        flops = step_flops(net, inputs, autocast, chunked) if count_flops else 0
     result = _summarise(counter, setup, "", steps)
     result.settings, result.warnings, result.host_peak = {"chunked_loss": chunked}, notes, counter.host_peak
     result.step_flops = flops
     return result, ran
-
-
-def _chunked_loss(net: Any, task: str, asked: bool | None) -> tuple[bool, list[str]]:
-    """Whether the step uses the chunked causal-LM loss, as `LoraTrainer` decides it, and the note saying why not."""
-    if asked is False:
-        return False, []
-    if task != "causal-lm":
-        if asked:
-            raise SpecError(f"chunked_loss is a causal-LM loss; this model's task is {task}",
-                            hint="leave chunked_loss unset: the model's own loss is simulated")
-        return False, []
-    blocker = chunked_loss_blocker(net)
-    if blocker and asked:
-        raise SpecError(f"chunked_loss=True, but it would not give this model's loss: {blocker}",
-                        hint="leave chunked_loss unset to simulate the standard loss")
-    return blocker is None, [f"standard causal-LM loss (LoraTrainer's too): {blocker}"] if blocker else []
 
 
 def _uniform_blocks(config: Any, cls: Any, dtype: Any, trust_remote_code: bool, freeze: Any, lora: Any) -> int | None:
@@ -375,101 +360,6 @@ def _position_warning(config: Any, seq_len: int) -> list[str]:
         warnings.warn(text, stacklevel=3)
         return [text]
     return []
-
-
-def _optimizer(net: Any, optimizer: str) -> Any:
-    """What Trainer builds for lorakit's training_args: fused torch AdamW; or bnb's 8-bit AdamW; or SGD."""
-    import torch
-
-    params = [p for p in net.parameters() if p.requires_grad]
-    if optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=5e-5, eps=1e-8, fused=True)
-    if optimizer == "sgd":
-        return torch.optim.SGD(params, lr=5e-5)
-    import bitsandbytes as bnb
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-
-    with unset_fake_temporarily():  # its quantization maps are built with .tolist(): real values, a few KiB
-        return bnb.optim.AdamW8bit(params, lr=5e-5)
-
-
-def _run_steps(net: Any, batch: dict, counter: Any, optimizer_name: str, autocast: str | None, steps: int,
-               chunked: bool, offload: bool, uncast: bool) -> None:
-    import torch
-
-    from .stepping import module_names
-
-    optimizer = _optimizer(net, optimizer_name)
-    params = [p for p in net.parameters() if p.requires_grad]
-    counter.set_phase(0, "inputs")
-    # built before the fake mode (lorakit.batches, small real tensors) and counted as on the device
-    inputs = batch
-    for value in inputs.values():
-        if isinstance(value, torch.Tensor):
-            counter.track(value)
-    # LoRA inputs stay uncast in backward too: checkpointing recomputes the forward there
-    with module_names(net, counter), uncast_lora_inputs(net, uncast):
-        for step in range(1, steps + 1):
-            counter.set_phase(step, "forward")
-            with torch.autocast("cpu", dtype=getattr(torch, autocast or "bfloat16"), enabled=autocast is not None), \
-                    chunked_loss(net, "cuda") if chunked else contextlib.nullcontext(), \
-                    offloaded_activations() if offload else contextlib.nullcontext():
-                out = net(**inputs)
-                loss = out.loss if getattr(out, "loss", None) is not None else out[0].float().mean()  # no head
-                del out  # its logits and cache are Trainer's to drop at once too
-            counter.set_phase(step, "backward")
-            loss.backward()
-            del loss
-            for p in params:
-                if p.grad is not None:
-                    counter.storages[counter.storage_id(p.grad)].role = "gradients"
-            counter.set_phase(step, "optimizer")
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            for state in optimizer.state.values():
-                for value in state.values():
-                    if isinstance(value, torch.Tensor) and counter.storage_id(value) is not None:
-                        counter.storages[counter.storage_id(value)].role = "optimizer state"
-            optimizer.zero_grad(set_to_none=True)
-            counter.set_phase(step, "end")
-    counter.set_phase(steps, "done")
-
-
-def _step_flops(net: Any, inputs: dict, autocast: str | None, chunked: bool) -> int:
-    import torch
-
-    counter = step_flop_counter()
-    with counter, torch.autocast("cpu", dtype=getattr(torch, autocast or "bfloat16"), enabled=autocast is not None), \
-            chunked_loss(net, "cuda") if chunked else contextlib.nullcontext():
-        out = net(**inputs)
-        loss = out.loss if getattr(out, "loss", None) is not None else out[0].float().mean()
-        del out
-        loss.backward()
-    net.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
-
-
-def step_flop_counter() -> Any:
-    """torch's FlopCounterMode, quiet, taught the FLOPs of torch's chunked cross-entropy (it computes the logits
-    and the gradients in its forward: one matmul over the head, one more per gradient it computes)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    mapping = {}
-    if hasattr(torch.nn.functional, "linear_cross_entropy"):
-        import torch.nn.modules.linear_cross_entropy  # noqa: F401  (registers the op; torch imports it on first use)
-
-        chunked = torch.ops.torch_nn._linear_cross_entropy_batch_chunked
-        def chunked_flops(hidden_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
-            rows, features = hidden_shape
-            return 2 * rows * features * weight_shape[0] * (1 + bool(args[-3]) + bool(args[-2]))
-        mapping[chunked] = mapping[chunked.default] = chunked_flops  # the overload too, or the mode decomposes it
-    gemm_4bit = getattr(getattr(torch.ops, "bitsandbytes", None), "gemm_4bit", None)
-    if gemm_4bit is not None:  # a 4-bit matmul: A [..., in] x the dequantized weight [out, in]
-        def gemm_4bit_flops(a_shape, packed_shape, shape, *args, out_shape=None, **kwargs) -> int:
-            return 2 * math.prod(a_shape[:-1]) * shape[0] * shape[1]
-        mapping[gemm_4bit] = mapping[gemm_4bit.default] = gemm_4bit_flops
-    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def _summarise(counter: Any, setup: int, name: str, steps: int) -> Simulation:

@@ -32,7 +32,7 @@ from .checkpoints import TRASH, rotate, seal, verify_checkpoint
 from .data import VisionChatCollator
 from .errors import LorakitError
 from .fit import memory_check_callback
-from .levers import chunked_loss, chunked_loss_blocker, offloaded_activations, uncast_lora_inputs
+from .levers import chunked_loss, offloaded_activations, uncast_lora_inputs, use_chunked_loss
 from .plan import model_task
 from .render import summary
 from .report import report
@@ -42,47 +42,6 @@ from .wrap import wrap
 
 logger = logging.getLogger("lorakit")
 _STAGING = ".lorakit-staging"
-
-
-def training_args(output_dir: str, *, chunked_loss: bool | None = None, activation_offload: bool = False,
-                  **overrides: Any) -> TrainingArguments:
-    """TrainingArguments with lorakit's defaults: on CUDA bf16 where supported, else fp16; fp32 on CPU;
-    non-reentrant gradient checkpointing when it is turned on; no external loggers. Evaluation is off unless
-    eval_strategy is given; `LoraTrainer` turns on per-epoch evaluation when it gets an eval_dataset and
-    eval_strategy was left to this default (Trainer refuses to evaluate without an eval set). Without a
-    learning_rate, `LoraTrainer` uses the LoRA plan's (the family preset's, see `Plan.defaults`).
-
-    Two memory levers of `LoraTrainer` (see `lorakit.levers`):
-    chunked_loss: a causal LM's training loss over lm_head's weight in chunks, never the full-vocabulary
-        logits. None (default): on wherever it computes exactly the standard loss; False: the standard loss.
-    activation_offload: what the forward saves for backward (the checkpointed layer inputs) is kept in host
-        memory; needs gradient checkpointing."""
-    import torch
-
-    if chunked_loss not in (None, True, False):
-        raise LorakitError(f"chunked_loss must be True, False or None, got {chunked_loss!r}",
-                           hint="None (the default) uses it wherever it gives the standard loss")
-    checkpointing = overrides.get("gradient_checkpointing") or overrides.get("activation_checkpointing")
-    if activation_offload and not checkpointing:
-        raise LorakitError("activation_offload=True needs gradient checkpointing: without it every activation "
-                           "would cross to the host and back", hint="add gradient_checkpointing=True")
-
-    defaults: dict[str, Any] = {"report_to": "none", "save_strategy": "epoch", "eval_strategy": "no",
-                                "logging_strategy": "steps", "logging_steps": 10}
-    if overrides.get("load_best_model_at_end"):  # Trainer needs evaluation at every save for this
-        defaults["eval_strategy"] = overrides.get("save_strategy", defaults["save_strategy"])
-    if torch.cuda.is_available():
-        defaults["bf16" if torch.cuda.is_bf16_supported() else "fp16"] = True
-    else:  # pinned memory only helps copies to a GPU; without one, torch warns on every DataLoader
-        defaults["dataloader_pin_memory"] = False
-    if overrides.get("gradient_checkpointing"):
-        defaults["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
-    args = TrainingArguments(output_dir=output_dir, **{**defaults, **overrides})
-    args.lorakit_chunked_loss, args.lorakit_activation_offload = chunked_loss, bool(activation_offload)
-    args.lorakit_eval_by_default = "eval_strategy" not in overrides and not overrides.get("load_best_model_at_end")
-    # the rate TrainingArguments chose for lack of one; LoraTrainer replaces it with the plan's if still unchanged
-    args.lorakit_default_rate = None if "learning_rate" in overrides else args.learning_rate
-    return args
 
 
 # Tasks whose transformers losses divide by num_items_in_batch (token-level averaging across devices).
@@ -160,7 +119,12 @@ class LoraTrainer(Trainer):
         self._gradients_to_check, self._before_step = check_gradients, None
         super().__init__(model=model, args=args, **kwargs)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self._chunked_loss = self._choose_loss(model_task(base), getattr(args, "lorakit_chunked_loss", None))
+        needs_logits = self.label_smoother is not None or self.compute_loss_func is not None
+        self._chunked_loss, why_not = use_chunked_loss(model, model_task(base), getattr(
+            args, "lorakit_chunked_loss", None), "a label smoother or compute_loss_func needs the logits"
+            if needs_logits else None)
+        if why_not:
+            logger.info("standard causal-LM loss: %s", why_not)
         self._offload = getattr(args, "lorakit_activation_offload", False)
         if model_task(base) not in _TOKEN_AVERAGED_TASKS:
             # Trainer multiplies the loss by the number of processes for any model whose forward takes
@@ -176,25 +140,6 @@ class LoraTrainer(Trainer):
         super()._set_signature_columns_if_needed()
         if isinstance(self.data_collator, VisionChatCollator) and "images" not in self._signature_columns:
             self._signature_columns.append("images")
-
-    def _choose_loss(self, task: str, asked: bool | None) -> bool:
-        """Whether training steps use lorakit's chunked causal-LM loss (`lorakit.levers`)."""
-        if asked is False:
-            return False
-        if task != "causal-lm":
-            if asked:
-                raise LorakitError(f"chunked_loss=True is a causal-LM loss; this model's task is {task}",
-                                   hint="leave chunked_loss unset: the model's own loss is used")
-            return False
-        blocker = chunked_loss_blocker(self.model)
-        if blocker is None and (self.label_smoother is not None or self.compute_loss_func is not None):
-            blocker = "a label smoother or compute_loss_func needs the logits"
-        if blocker and asked:
-            raise LorakitError(f"chunked_loss=True, but it would not give this model's loss: {blocker}",
-                               hint="leave chunked_loss unset to train with the standard loss")
-        if blocker:
-            logger.info("standard causal-LM loss: %s", blocker)
-        return blocker is None
 
     def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
