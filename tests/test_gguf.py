@@ -134,7 +134,7 @@ def test_cli_writes_a_gguf(tmp_path, capsys):
     assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(adapter), "--out",
                  str(tmp_path / "m"), "--gguf", str(tmp_path / "m.gguf"), "--gguf-type", "q8_0"]) == 0
     out = capsys.readouterr().out
-    assert "m.gguf (q8_0" in out and "verified by loading it back" in out
+    assert "m.gguf (q8_0" in out and "verified: run by" in out
 
 
 @pytest.fixture
