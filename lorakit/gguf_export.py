@@ -22,7 +22,7 @@ from .gguf_families import add_metadata as add_family_metadata
 from .gguf_vocab import add_tokenizer, check_tokenizer, has_tokenizer
 from .gguf_verify import verify_gguf
 
-GGUF_TYPES = ("f16", "q8_0")
+GGUF_TYPES = ("f16", "q8_0", "f32")  # f32: exact weights, for checking a model in llama.cpp
 ARCHITECTURES = tuple(sorted(FAMILIES))  # transformers model types the export writes
 
 
@@ -74,7 +74,7 @@ def _ggml_type(shape: tuple, gguf_type: str) -> Any:
     import gguf
 
     T = gguf.GGMLQuantizationType
-    if len(shape) < 2:
+    if len(shape) < 2 or gguf_type == "f32":
         return T.F32
     if gguf_type == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0] == 0:
         return T.Q8_0
@@ -118,7 +118,8 @@ def _add_general(writer: Any, gguf_type: str, name: str, plan: list) -> None:
     writer.add_type(gguf.GGUFType.MODEL)
     total = sum(math.prod(shape) for *_, shape, _ in plan)
     writer.add_size_label(gguf.size_label(total, total, 0, 0))
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if gguf_type == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                          "f32": gguf.LlamaFileType.ALL_F32}[gguf_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 

