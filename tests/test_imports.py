@@ -28,7 +28,7 @@ LAYERS = [
     ["gguf_verify"],
     ["render", "data", "metrics", "fit"],
     ["adapter", "chat"],
-    ["streaming", "checkpoints", "gguf_export"],
+    ["streaming", "checkpoints", "gguf_export", "serving"],
     ["trainer", "merging"],
     ["cli"],
 ]
