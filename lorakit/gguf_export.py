@@ -131,7 +131,7 @@ def export_gguf(folder: Path, path: Path, gguf_type: str, *, name: str = "merged
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(folder))
-    check_gguf(config, folder, gguf_type)
+    check_gguf(config, None, gguf_type)  # the tokenizer is checked as it is written, before the file is named
     found = FAMILIES[config.model_type]
     plan = _tensor_plan(folder, config, gguf_type)
     extra = extra_tensors(config)

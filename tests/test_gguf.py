@@ -228,3 +228,27 @@ def test_families_llama_cpp_would_run_differently_are_refused(tmp_path):
     with pytest.raises(lorakit.LorakitError, match=r"llama.cpp scales Gemma attention by 1/sqrt\(16\)"):
         lorakit.merge(base, adapter, tmp_path / "merged", gguf=tmp_path / "g.gguf")
     assert not (tmp_path / "merged").exists() and not (tmp_path / "g.gguf").exists()
+
+
+def _tiny_tokenizer(folder: Path, byte_fallback: bool) -> None:
+    """A BPE tokenizer trained here on a few words: byte-level (a pre-tokenizer llama.cpp's table cannot know)
+    or SentencePiece-style (byte_fallback, as Llama 2's and Mistral v0.1's tokenizer.json)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(byte_fallback=byte_fallback, unk_token=None if not byte_fallback else "<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(["hello world", "a tiny tokenizer for a test"] * 5,
+                                  trainers.BpeTrainer(vocab_size=90, special_tokens=["<unk>", "<s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>").save_pretrained(folder)
+
+
+@pytest.mark.parametrize("byte_fallback,message", [(False, "llama.cpp does not know the pre-tokenizer"),
+                                                   (True, "SentencePiece-style BPE")])
+def test_tokenizers_llama_cpp_cannot_name_are_refused_before_merging(byte_fallback, message, tmp_path):
+    adapter = tiny_llama(tmp_path, sharp=False)
+    _tiny_tokenizer(tmp_path / "base", byte_fallback)
+    with pytest.raises(lorakit.LorakitError, match=message):
+        lorakit.merge(tmp_path / "base", adapter, tmp_path / "merged", gguf=tmp_path / "t.gguf")
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "t.gguf").exists()
