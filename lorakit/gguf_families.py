@@ -103,8 +103,6 @@ def add_metadata(writer: Any, config: Any) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         writer.add_rope_scaling_factor(full["factor"])
         writer.add_rope_scaling_orig_ctx_len(full["original_max_position_embeddings"])
-    elif rope_type == "longrope":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
     if getattr(config, "head_dim", None) is not None or kind in GEMMA_27B_LAYERS:
         writer.add_key_length(head_dim(config))
         writer.add_value_length(head_dim(config))

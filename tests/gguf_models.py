@@ -29,6 +29,10 @@ FAMILIES = {
     "gemma3": ("gemma3_text", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8, tie_word_embeddings=True,
                                    layer_types=["sliding_attention", "full_attention"]), "gemma3"),
     "phi3": ("phi3", {}, "phi3"),
+    # Phi-3 128k's scaling: per-frequency long/short factors (rope_factors_long/short) and an attention factor
+    "phi3-longrope": ("phi3", dict(original_max_position_embeddings=256, max_position_embeddings=1024, rope_parameters={
+        "rope_type": "longrope", "rope_theta": 10000.0, "long_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
+        "short_factor": [1.0, 1.0, 1.1, 1.2, 1.3, 1.5, 1.8, 2.0]}), "phi3"),
 }
 
 
