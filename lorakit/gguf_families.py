@@ -132,6 +132,8 @@ def _add_gemma(writer: Any, config: Any) -> None:
     types = getattr(config, "layer_types", None) or []
     if "sliding_attention" in types and config.sliding_window:
         writer.add_sliding_window(config.sliding_window)
+        # per layer, from layer_types: the converter leaves llama.cpp's default (every 2nd / 6th layer full),
+        # which is not the model's when its pattern differs (a 2-layer Gemma 3: sliding, full)
         writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in types])
         local = rope(config, "sliding_attention").get("rope_theta")
         if config.model_type == "gemma3_text" and local is not None:
