@@ -16,12 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LorakitError, SpecError
-
-SERVERS = ("vllm", "sglang")
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
-VLLM_DEFAULT_RANK = 16  # LoRAConfig.max_lora_rank's default
-VLLM_MODULES_TO_SAVE = ("classifier", "score")  # the only ones PEFTHelper accepts (classification models)
-VLLM_INITS = ("gaussian", "eva", "orthogonal", "mica", "lora_ga")  # string inits that leave the base as it is
+from .serving_rules import SERVERS, VLLM_DEFAULT_RANK, VLLM_INITS, VLLM_MODULES_TO_SAVE, VLLM_RANKS
 EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "embed_in", "word_embeddings", "output")
 MERGE = "merge it instead (lorakit merge --base BASE --adapter DIR --out DIR) and serve the merged model"
 TRAINED_FILE = "lorakit_trained.safetensors"

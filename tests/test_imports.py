@@ -15,6 +15,7 @@ import lorakit
 PACKAGE = Path(lorakit.__file__).parent
 LAYERS = [
     ["errors"],
+    ["serving_rules"],
     ["files", "specs"],
     ["names", "zoo", "allocator", "materialise", "stepping", "gguf_source", "batches"],
     ["state", "counting", "gguf_families", "llama_cpp"],

@@ -95,3 +95,16 @@ def test_cli_check_lists_each_rule_with_its_fix(base, tmp_path, capsys):
     assert "can be served by sglang as it is" in capsys.readouterr().out
     assert main(["check", str(tmp_path), "--serve", "vllm"]) == 2  # not an adapter folder: error + hint
     assert "no adapter_config.json" in capsys.readouterr().err
+
+
+def test_serve_for_refuses_at_the_spec_what_the_adapter_check_would_find(base, tmp_path):
+    for fields, words in ((dict(use_dora=True), "use_dora"), (dict(bias="all"), "bias='all'"),
+                          (dict(train_fully=["lm_head"]), "train_fully"), (dict(init="pissa"), "init='pissa'"),
+                          (dict(r=1024), "rank 1024")):
+        with pytest.raises(lorakit.LorakitError, match=f"cannot be served by vllm: .*{words}"):
+            lorakit.Lora(targets="attention", serve_for="vllm", **fields)
+    assert lorakit.Lora(train_fully=["score"], serve_for="vllm")  # PEFTHelper's one exception
+    with pytest.raises(lorakit.LorakitError, match="serve_for must be one of vllm, sglang"):
+        lorakit.Lora(serve_for="tgi")
+    folder = _adapter(base, tmp_path / "ok", r=8, targets="attention", serve_for="vllm")
+    assert serving_breaches(folder, "vllm") == []
