@@ -59,7 +59,7 @@ def _source(folder: Path, version: str) -> Path:
 def build_probe(version: str = VERSION, jobs: int = 2) -> Path:
     """Build libllama (cmake, Release, CPU) and the probe into the cache, once; the probe's path.
 
-    Takes minutes (measured on 2 shared cores: see the README); runs under `nice` so it yields to other work."""
+    Takes minutes (6.5 to 12 measured on 2 shared cores); runs under `nice` so it yields to other work."""
     probe = find_probe(version)
     if probe is not None:
         return probe
