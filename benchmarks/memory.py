@@ -43,9 +43,10 @@ def simulate_key(key: str) -> dict:
         spec["lora"] = lorakit.Lora(**LORA)
     if method == "qlora":
         spec["quant"] = lorakit.Quant(bits=4, compute_dtype="bfloat16")
-    # memory_cuda builds the bf16 model on the GPU and then wraps it with quant=: the "wrap" path
+    # memory_cuda builds the bf16 model on the GPU and then wraps it with quant=: the "wrap" path; its step is a
+    # plain loop (the model's own loss, peft's input casts), not LoraTrainer's levers
     result = simulate(config, attn=attn, gradient_checkpointing=bool(int(ckpt)), seq_len=int(seq), batch_size=1,
-                      autocast="bfloat16", quant_path="wrap", **spec)
+                      autocast="bfloat16", quant_path="wrap", chunked_loss=False, peft_input_cast=True, **spec)
     out = result.to_dict()
     out["rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out

@@ -11,8 +11,8 @@ Memory model (bytes):
   weights    real storage: fp32/bf16/fp16 by dtype; int8 = n + 4 per output row (SCB);
              nf4/fp4 = ceil(n/2) + absmax per 64-block (fp32, or uint8 with double
              quantization plus its fp32 nested absmax per 256 blocks and maps).
-             As in `wrap`, a quantized model's other parameters are upcast to fp32
-             (peft's prepare_model_for_kbit_training), and LoRA weights are fp32.
+             A quantized model's other parameters keep their dtype (as `wrap` and
+             `load` leave them); LoRA weights are fp32.
   gradients  one per trainable parameter, in its dtype.
   optimizer  adamw: two fp32 moments (8 B) per trainable parameter;
              adamw-8bit: two uint8 moments plus an fp32 absmax per 256 (bitsandbytes),
@@ -125,7 +125,7 @@ def planned_records(model: Any, plan: Plan) -> list[Record]:
     for name, param in model.named_parameters():  # tied weights once, as peft counts them
         module_path, _, leaf = name.rpartition(".")
         module = modules[module_path]
-        element = 4 if quant is not None else param.element_size()  # prepare_model_for_kbit_training upcasts
+        element = param.element_size()
         numel = param.numel()
         is_quantized = module_path in quantized and leaf == "weight"
         weight_bytes = quantized_bytes(numel, out_features(module), quant) if is_quantized else numel * element

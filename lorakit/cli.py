@@ -11,19 +11,21 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from .accounting import OPTIMIZERS
+from .console import progress_line, quiet, version
 from .errors import LorakitError, SpecError
 from .files import atomic_path, refuse_existing, write_text_atomic
-from .fit import fit, parse_memory, render_fit, rows_json
+from .fit import choices_json, fit, parse_memory, render_fit
 from .gguf_export import GGUF_TYPES
 from .load import TASKS, build_from_config, resolve_config
 from .materialise import QUANT_PATHS
+from .memplot import check_path
 from .merging import METHODS, merge
 from .render import FORMATS, architecture_summary, architecture_table, plot
 from .report import report
 from .serving import SERVERS, serving_breaches
+from .simulate import simulate
 from .specs import Freeze, Lora, Quant
 from .wrap import targets
 from .zoo import bundled_configs, presets
@@ -57,11 +59,30 @@ def cmd_compare_parameters(args: argparse.Namespace) -> int:
         refuse_existing(args.output, args.force)
     if (args.batch_size is None) != (args.seq_len is None):
         raise SpecError("--batch-size and --seq-len go together", hint="give both, or neither")
+    if args.memory_plot:
+        if args.batch_size is None:
+            raise SpecError("--memory-plot draws a simulated training step", hint="add --batch-size and --seq-len")
+        check_path(args.memory_plot, args.force)
+    gpu_memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
+    if gpu_memory and not args.memory_plot:
+        raise SpecError("--gpu-memory is drawn on the memory plot", hint="add --memory-plot FILE.png, or use "
+                        "`lorakit fit MODEL --gpu-memory ...` for what fits")
     lora, freeze, quant = _spec_from_args(args)
+    show = progress_line("simulating")
+    if args.batch_size is not None:
+        show(f"two training steps of {args.model}")
     result = report(args.model, lora=lora, freeze=freeze, quant=quant, task=args.task, optimizer=args.optimizer,
                     by=args.depth if args.depth is not None else args.by, dtype=args.dtype, batch_size=args.batch_size,
                     seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing, attn=args.attn,
                     trust_remote_code=args.trust_remote_code, quant_path=args.quant_path)
+    sim = result.simulation
+    if args.memory_plot and sim.timeline is None:  # worked out from 2 and 3 blocks: the picture needs them all
+        show(f"every block of {args.model} for the memory plot")
+        sim = simulate(args.model, lora=lora, freeze=freeze, quant=quant, task=args.task, dtype=result.dtype,
+                       optimizer=args.optimizer, batch_size=args.batch_size, seq_len=args.seq_len,
+                       gradient_checkpointing=args.gradient_checkpointing, attn=args.attn,
+                       trust_remote_code=args.trust_remote_code, quant_path=args.quant_path, extrapolate=False)
+    show(None)
     text = FORMATS[args.format](result)
     if args.output:
         write_text_atomic(args.output, text)
@@ -72,6 +93,9 @@ def cmd_compare_parameters(args: argparse.Namespace) -> int:
         with atomic_path(args.plot) as tmp:
             plot(result, tmp)
         print(f"wrote {args.plot}", file=sys.stderr)
+    if args.memory_plot:
+        sim.plot(args.memory_plot, gpu_memory=gpu_memory, force=args.force)
+        print(f"wrote {args.memory_plot}", file=sys.stderr)
     return 0
 
 
@@ -92,9 +116,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
         except ValueError:
             raise SpecError(f"--weights {args.weights!r} is not a list of numbers", hint="e.g. --weights 0.7,0.3"
                             ) from None
+    show = progress_line("merging")
+    show(f"{', '.join(args.adapter)} into {args.base or 'the base in the manifest'}")
     done = merge(args.base, args.adapter, args.out, weights=weights, method=args.method, dtype=args.dtype,
                  verify=not args.no_verify, force=args.force, into=args.into, gguf=args.gguf,
                  gguf_type=args.gguf_type)
+    show(None)
     check = done["verification"]
     print(f"wrote {args.out} ({done['path']}, {done['merged_layers']} layers, {done['wall_seconds']:.1f} s)")
     if check:
@@ -115,27 +142,22 @@ def cmd_fit(args: argparse.Namespace) -> int:
     limit = parse_memory(args.gpu_memory)  # before any simulation
     lora = Lora(**{k: v for k, v in {"r": args.lora_r, "alpha": args.lora_alpha, "targets": args.lora_targets}.items()
                    if v is not None})
-    show = _progress_line("simulating")
-    rows = fit(args.model, limit, seq_len=args.seq_len, lora=lora, attn=args.attn, optimizer=args.optimizer,
-               task=args.task, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-               methods=tuple(args.method or ("full", "lora", "qlora")), quant_path=args.quant_path, progress=show)
+    text = args.global_batch.strip()
+    if not text.isdigit() or int(text) < 1:
+        raise LorakitError(f"cannot read a global batch from {args.global_batch!r}",
+                           hint="give a positive whole number: micro-batch x gradient accumulation, e.g. 32")
+    show = progress_line("simulating")
+    choices = fit(args.model, limit, seq_len=args.seq_len, global_batch=int(text), lora=lora, attn=args.attn,
+                  optimizer=args.optimizer, task=args.task, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                  methods=tuple(args.method or ("full", "lora", "qlora")), quant_path=args.quant_path, progress=show)
     show(None)
     if args.format == "json":
         print(json.dumps({"model": args.model, "gpu_memory": limit, "seq_len": args.seq_len,
-                          "quant_path": args.quant_path, "rows": rows_json(rows)}, indent=2))
+                          "global_batch": int(text), "quant_path": args.quant_path,
+                          "methods": choices_json(choices)}, indent=2))
     else:
-        sys.stdout.write(render_fit(rows, args.model, limit, args.seq_len, args.quant_path))
+        sys.stdout.write(render_fit(choices, args.model, limit, args.seq_len, int(text), args.quant_path))
     return 0
-
-
-def _progress_line(label: str) -> Any:
-    """On a terminal, one stderr line rewritten in place ("simulating lora, checkpointing on, batch 4");
-    None clears it. Off a terminal, nothing: logs and pipes get the results only."""
-    def show(text: str | None) -> None:
-        if sys.stderr.isatty():
-            sys.stderr.write("\r\033[K" + (f"{label} {text} ..." if text else ""))
-            sys.stderr.flush()
-    return show
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
@@ -175,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA, freezing and quantization for Hugging Face "
                                      "models: see exactly what each choice costs.")
     parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
+    parser.add_argument("--version", action="version", version=f"lorakit {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     compare = sub.add_parser("compare-parameters", help="per-layer trainable parameters and training memory vs "
@@ -205,7 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--format", default="table", choices=["table", "json", "csv", "markdown"])
     compare.add_argument("--output", help="write to this file (atomically) instead of stdout")
     compare.add_argument("--plot", help="also draw a bar chart to FILE.png or FILE.svg (needs matplotlib)")
-    compare.add_argument("--force", action="store_true", help="overwrite an existing --output/--plot")
+    compare.add_argument("--memory-plot", help="with --batch-size and --seq-len: draw device memory over the "
+                         "simulated step, stacked by kind, to FILE.png or FILE.svg (needs matplotlib)")
+    compare.add_argument("--gpu-memory", help="draw this capacity on --memory-plot, e.g. 24GiB")
+    compare.add_argument("--force", action="store_true", help="overwrite an existing --output/--plot/--memory-plot")
     compare.set_defaults(func=cmd_compare_parameters)
 
     show = sub.add_parser("targets", help="the LoRA candidates of a model and what a spec would touch")
@@ -229,12 +255,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge_cmd.add_argument("--force", action="store_true", help="replace an existing --out (and --gguf)")
     merge_cmd.set_defaults(func=cmd_merge)
 
-    fit_cmd = sub.add_parser("fit", help="which of full fine-tuning, LoRA and QLoRA fit on a GPU, largest batch",
-                         description="Simulated training steps (fake tensors, no GPU needed) for each method, "
-                         "gradient checkpointing off and on.")
+    fit_cmd = sub.add_parser("fit", help="for full fine-tuning, LoRA and QLoRA: the cheapest configuration that fits",
+                             description="Simulated training steps (fake tensors, no GPU needed) for each method, "
+                             "trying the memory levers cheapest first: chunked loss, gradient checkpointing, "
+                             "activation offload, 8-bit optimizer, then smaller micro-batches with gradient "
+                             "accumulation. --format json gives lorakit.training_args keywords.")
     _add_model_args(fit_cmd)
     fit_cmd.add_argument("--gpu-memory", required=True, help="e.g. 24GiB, 80GB")
     fit_cmd.add_argument("--seq-len", type=int, default=2048)
+    fit_cmd.add_argument("--global-batch", default="1",
+                         help="sequences per optimizer step (micro-batch x gradient accumulation); default 1")
     fit_cmd.add_argument("--lora-r", type=int, help="default: the family preset's")
     fit_cmd.add_argument("--lora-alpha", type=float)
     fit_cmd.add_argument("--lora-targets", help="default: the family preset's")
@@ -261,11 +291,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that load transformers anyway: only they pay for importing its logging switches.
+LOADS_TRANSFORMERS = ("compare-parameters", "targets", "merge", "fit")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with quiet(args.command in LOADS_TRANSFORMERS):
+            return args.func(args)
     except LorakitError as exc:
         return _error(exc.message, exc.hint, 2)
     except BrokenPipeError:  # `lorakit ... | head`: the reader left; stop quietly, as Unix tools do

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch._subclasses.fake_tensor import (
@@ -34,6 +35,7 @@ from torch.utils._pytree import tree_leaves
 
 from .allocator import round_size
 from .errors import LorakitError
+from .levers import OFFLOAD_HOST
 
 # cuBLAS takes one workspace per (handle, stream) from the caching allocator: one for the forward
 # thread, one for the autograd thread. 32 MiB each on Hopper and newer (torch's default there).
@@ -54,9 +56,12 @@ class Storage:
 class LiveBytes(TorchDispatchMode):
     """Live storage bytes over time, as an event log: (+key) allocations and (-key) frees."""
 
-    def __init__(self, round_bytes: bool = True, cuda: bool = True) -> None:
+    def __init__(self, round_bytes: bool = True, cuda: bool = True, open_custom_ops: bool = False) -> None:
+        """`open_custom_ops`: run a Python custom op's own implementation inside the count, so that what it
+        allocates inside itself is seen too (real tensors: benchmarks; the simulator models those instead)."""
         super().__init__()
-        self.round_bytes, self.cuda = round_bytes, cuda
+        self.round_bytes, self.cuda, self.open_custom_ops = round_bytes, cuda, open_custom_ops
+        self.host_live = self.host_peak = 0  # activations offloaded to host memory (`levers.offloaded_activations`)
         self.storages: dict[int, Storage] = {}
         self.events: list[int] = []  # +key / -key, in order
         self._refs: dict[int, weakref.ref] = {}
@@ -82,8 +87,13 @@ class LiveBytes(TorchDispatchMode):
         transient = self._cuda_transient(func, args) if self.cuda else 0
         if transient:
             key = self.add(transient, self.phase)
+        definition = _custom_op(func) if self.open_custom_ops else None
         try:
-            out = func(*args, **(kwargs or {}))
+            if definition is not None:
+                with self:
+                    out = definition._init_fn(*args, **(kwargs or {}))
+            else:
+                out = func(*args, **(kwargs or {}))
         except (UnsupportedOperatorException, DataDependentOutputException, DynamicOutputShapeException) as exc:
             where = self.modules[-1] or "outside any module"
             raise LorakitError(f"{func} cannot run on fake tensors ({type(exc).__name__}: it has no fake/meta "
@@ -104,6 +114,8 @@ class LiveBytes(TorchDispatchMode):
             # bitsandbytes' CUDA gemm_4bit, past a few rows, dequantizes the weight then calls F.linear
             a, shape = args[0], args[2]
             return round_size(shape[0] * shape[1] * a.element_size())
+        if name.startswith("torch_nn._linear_cross_entropy_batch_chunked."):
+            return _chunked_loss_buffers(*args)
         return 0
 
     def track(self, tensor: torch.Tensor) -> None:
@@ -117,6 +129,11 @@ class LiveBytes(TorchDispatchMode):
             return
         nbytes = storage.nbytes()
         size = round_size(nbytes) if self.round_bytes else nbytes
+        if OFFLOAD_HOST["active"]:  # a copy in host memory: not the device's
+            self.host_live += size
+            self.host_peak = max(self.host_peak, self.host_live)
+            self._refs[key] = weakref.ref(storage, lambda _, k=key, n=size: self._host_dead(k, n))
+            return
         sid = self.add(size, self.phase)
         self._refs[key] = weakref.ref(storage, lambda _, k=key, s=sid: self._dead(k, s))
         self._sids[key] = sid
@@ -134,6 +151,10 @@ class LiveBytes(TorchDispatchMode):
         self.events.append(-sid)
         self.live -= self.storages[sid].size
 
+    def _host_dead(self, key: int, size: int) -> None:
+        self._refs.pop(key, None)
+        self.host_live -= size
+
     def _dead(self, key: int, sid: int) -> None:
         if self._sids.get(key) == sid:
             del self._refs[key], self._sids[key]
@@ -144,6 +165,34 @@ class LiveBytes(TorchDispatchMode):
         storage = tensor.untyped_storage()
         ref = self._refs.get(id(storage))
         return self._sids.get(id(storage)) if ref is not None and ref() is storage else None
+
+
+def _custom_op(func) -> Any:
+    """The Python definition of a `torch.library.custom_op` (such as torch's chunked cross-entropy), if any."""
+    from torch._library.custom_ops import OPDEFS
+
+    name = func.name() if hasattr(func, "name") else ""
+    return OPDEFS.get(name.partition(".")[0]) if "::" in name else None
+
+
+def _chunked_loss_buffers(hidden, weight, target, bias, class_weight, reduction, ignore_index, smoothing, rows,
+                          policy, accumulate, *flags) -> int:
+    """What torch's chunked linear_cross_entropy allocates inside itself on CUDA (its `_ChunkContext`), beyond
+    the gradients it returns: one chunk of logits in the accumulator's dtype, their 16-bit copy for the input
+    gradient's matmul, and a float32 weight-gradient scratch unless the policy is "compact"; vectors of one
+    value per row are left out."""
+    rows, classes = min(rows, hidden.shape[0]), weight.shape[0]
+    mixed = accumulate != hidden.dtype
+    memory_like = policy in ("balanced", "compact")
+    logits_size = hidden.element_size() if not mixed or (hidden.dtype == torch.float16 and memory_like) \
+        else accumulate.itemsize
+    total = round_size(rows * classes * logits_size)
+    if mixed and logits_size != hidden.element_size():
+        total += round_size(rows * classes * hidden.element_size())
+    weight_gradient = flags[2] if len(flags) > 2 else False
+    if weight_gradient and policy != "compact":
+        total += round_size(weight.numel() * accumulate.itemsize)
+    return total
 
 
 _FP32_ON_CUDA = ("softmax", "log_softmax")  # with no explicit dtype

@@ -1,10 +1,13 @@
-"""`lorakit fit`: which of full fine-tuning, LoRA and QLoRA fit on a GPU, and the largest batch for each.
+"""`lorakit fit`: for full fine-tuning, LoRA and QLoRA, the configuration that fits a GPU with the least extra
+compute.
 
 Every answer is a simulated training run (`lorakit.simulate`), compared against
 the GPU's memory as nvidia-smi counts it: the caching allocator's reserved
-segments plus the CUDA context. The largest batch is found by bisection over
-simulated runs; the first two batch sizes give a straight-line guess (memory
-grows linearly with batch at a fixed sequence) that narrows the bracket.
+segments plus the CUDA context. The levers are tried cheapest first (`LADDER`):
+the chunked loss costs nothing, checkpointing recomputes the forward (its FLOPs
+are counted), offload moves the checkpointed inputs to the host and back, the
+8-bit optimizer changes the optimizer's numerics; last, a smaller micro-batch
+with gradient accumulation, which keeps the FLOPs but loses parallelism.
 
 Also here: the `LoraTrainer` callback that, on CUDA, compares the prediction
 with `torch.cuda.max_memory_allocated()` after the first optimizer step.
@@ -26,7 +29,6 @@ from .state import state_of
 logger = logging.getLogger("lorakit")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-MAX_BATCH = 4096
 METHODS = ("full", "lora", "qlora")
 
 
@@ -40,96 +42,123 @@ def parse_memory(text: str) -> int:
     return int(float(match.group(1)) * (_UNITS[unit] if unit else 2**30))
 
 
+# The levers, cheapest first (lorakit.levers, training_args): each rung keeps the ones before it.
+LADDER = ("none", "chunked loss", "checkpointing", "activation offload", "8-bit optimizer")
+_RUNG_SETTINGS = {"none": {"chunked_loss": False}, "chunked loss": {"chunked_loss": None},
+                  "checkpointing": {"gradient_checkpointing": True}, "activation offload": {"activation_offload": True},
+                  "8-bit optimizer": {"optimizer": "adamw-8bit"}}
+
+
 @dataclass
-class FitRow:
+class Choice:
+    """For one method: the first configuration on the ladder that fits, or the closest miss (fits False)."""
     method: str                    # full | lora | qlora
-    gradient_checkpointing: bool
-    fits_batch_1: bool
-    device_bytes_batch_1: int      # reserved + CUDA context at batch 1
-    peak_allocated_batch_1: int
-    largest_batch: int             # 0 when batch 1 does not fit
-    device_bytes_largest: int | None
+    fits: bool
+    levers: list[str]              # the rungs taken (without "none")
+    micro_batch: int
+    accumulation: int              # gradient_accumulation_steps (micro_batch x accumulation = global batch)
+    device_bytes: int              # reserved + CUDA context
+    peak_allocated: int
+    step_flops: int                # one micro-batch step, recomputation included
+    extra_compute: float           # step_flops over the plain step's, minus 1
+    host_bytes: int                # offloaded activations in host memory
+    training_args: dict            # lorakit.training_args keywords for this configuration
+    tried: list[dict]              # every configuration simulated, in order
 
 
-def fit(model: Any, gpu_memory: int | str, *, seq_len: int = 2048, lora: Lora | None = None,
+def fit(model: Any, gpu_memory: int | str, *, seq_len: int = 2048, global_batch: int = 1, lora: Lora | None = None,
         quant: Quant | None = None, attn: str = "sdpa", optimizer: str = "adamw", task: str | None = None,
         dtype: str | None = None, trust_remote_code: bool = False, methods: tuple = METHODS,
-        checkpointing: tuple = (False, True), quant_path: str = "load", progress: Any = None) -> list[FitRow]:
-    """Full fine-tuning, LoRA and QLoRA (4-bit), each without and with gradient checkpointing. QLoRA's model
-    is loaded as `quant_path` says (see `simulate`): by default quantized while it loads. `progress`, if given,
-    is called with a short line before each simulated run."""
+        quant_path: str = "load", progress: Any = None) -> list[Choice]:
+    """For full fine-tuning, LoRA and QLoRA (4-bit): the configuration that fits `gpu_memory` with the least
+    extra compute, climbing `LADDER` at micro-batch `global_batch`, then halving the micro-batch (gradient
+    accumulation makes up the global batch) with every lever on. QLoRA's model is loaded as `quant_path` says
+    (see `simulate`). `progress`, if given, is called with a short line before each simulated run."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise LorakitError(f"unknown method {unknown[0]!r}", hint=f"use {', '.join(METHODS)}")
+    if not isinstance(global_batch, int) or isinstance(global_batch, bool) or global_batch < 1:
+        raise LorakitError(f"global batch must be a positive whole number, got {global_batch!r}",
+                           hint="e.g. --global-batch 32 (micro-batch x gradient accumulation x GPUs)")
     limit = parse_memory(gpu_memory) if isinstance(gpu_memory, str) else int(gpu_memory)
     lora = lora or Lora(r=16, targets="all-linear")
     quant = quant or Quant(bits=4, compute_dtype="bfloat16")
     specs = {"full": {}, "lora": {"lora": lora}, "qlora": {"lora": lora, "quant": quant, "quant_path": quant_path}}
-    rows = []
-    for method in methods:
-        for on in checkpointing:
-            def run(batch: int, spec: dict = specs[method], on: bool = on, method: str = method) -> Simulation:
-                if progress is not None:
-                    progress(f"{method}, checkpointing {'on' if on else 'off'}, batch {batch}")
-                return simulate(model, task=task, dtype=dtype, attn=attn, optimizer=optimizer, batch_size=batch,
-                                seq_len=seq_len, gradient_checkpointing=on, trust_remote_code=trust_remote_code,
-                                **spec)
-            rows.append(_row(method, on, run, limit))
-    return rows
+    return [_choose(method, specs[method], limit, global_batch, progress,
+                    dict(model=model, task=task, dtype=dtype, attn=attn, optimizer=optimizer, seq_len=seq_len,
+                         trust_remote_code=trust_remote_code)) for method in methods]
 
 
-def _row(method: str, checkpointing: bool, run: Any, limit: int) -> FitRow:
-    one = run(1)
-    row = FitRow(method, checkpointing, one.device_total <= limit, one.device_total, one.peak_allocated, 0, None)
-    if not row.fits_batch_1:
-        return row
-    two = run(2)
-    if two.device_total > limit:
-        row.largest_batch, row.device_bytes_largest = 1, one.device_total
-        return row
-    slope = max(two.device_total - one.device_total, 1)
-    guess = min(MAX_BATCH, max(2, 1 + (limit - one.device_total) // slope))
-    good, good_bytes, bad = 2, two.device_total, MAX_BATCH + 1
-    for probe in (guess, guess + 1):  # the guess, then one past it: usually the whole bracket
-        if good < probe < bad:
-            total = run(probe).device_total
-            if total <= limit:
-                good, good_bytes = probe, total
-            else:
-                bad = probe
-    if bad == MAX_BATCH + 1 and good < MAX_BATCH:
-        bad = min(MAX_BATCH + 1, good * 2)
-        while bad <= MAX_BATCH and run(bad).device_total <= limit:
-            good, bad = bad, min(MAX_BATCH + 1, bad * 2)
-    while bad - good > 1:  # bisection
-        middle = (good + bad) // 2
-        total = run(middle).device_total
-        if total <= limit:
-            good, good_bytes = middle, total
-        else:
-            bad = middle
-    row.largest_batch, row.device_bytes_largest = good, good_bytes
-    return row
+def _choose(method: str, spec: dict, limit: int, global_batch: int, progress: Any, common: dict) -> Choice:
+    tried: list[dict] = []
+
+    def run(levers: list[str], micro: int) -> Simulation:
+        settings = dict(common, **spec, batch_size=micro, count_flops=True, **_RUNG_SETTINGS["none"])
+        for rung in levers:
+            settings.update(_RUNG_SETTINGS[rung])
+        if progress is not None:
+            progress(f"{method}: {' + '.join(levers) or 'no lever'}, micro-batch {micro}")
+        result = simulate(settings.pop("model"), **settings)
+        tried.append({"levers": list(levers), "micro_batch": micro, "device_bytes": result.device_total,
+                      "peak_allocated": result.peak_allocated, "step_flops": result.step_flops,
+                      "chunked_loss": result.settings["chunked_loss"]})
+        return result
+
+    plain = result = run([], global_batch)
+    levers: list[str] = []
+    for rung in LADDER[1:]:
+        if result.device_total <= limit:
+            break
+        if rung == "8-bit optimizer" and common["optimizer"] != "adamw":
+            continue
+        levers.append(rung)
+        result = run(levers, global_batch)
+        if rung == "chunked loss" and not result.settings["chunked_loss"]:
+            levers.remove(rung)  # this model's forward does not allow it (the run's warnings say why)
+    micro = global_batch
+    while result.device_total > limit and micro > 1:  # smaller micro-batches, accumulated
+        micro = max(1, micro // 2)
+        result = run(levers, micro)
+    fits = result.device_total <= limit
+    return Choice(method, fits, levers, micro, -(-global_batch // micro), result.device_total, result.peak_allocated,
+                  result.step_flops, result.step_flops / max(plain.step_flops * micro / global_batch, 1) - 1,
+                  result.host_peak, _training_args(levers, micro, global_batch, result), tried)
 
 
-def render_fit(rows: list[FitRow], model: str, gpu_memory: int, seq_len: int, quant_path: str = "load") -> str:
+def _training_args(levers: list[str], micro: int, global_batch: int, result: Simulation) -> dict:
+    args: dict = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": -(-global_batch // micro)}
+    if "checkpointing" in levers:
+        args["gradient_checkpointing"] = True
+    if "activation offload" in levers:
+        args["activation_offload"] = True
+    if "8-bit optimizer" in levers:
+        args["optim"] = "adamw_bnb_8bit"
+    args["chunked_loss"] = bool(result.settings["chunked_loss"])
+    return args
+
+
+def render_fit(choices: list[Choice], model: str, gpu_memory: int, seq_len: int, global_batch: int = 1,
+               quant_path: str = "load") -> str:
     gib = 2**30
-    lines = [f"{model} on a GPU with {gpu_memory / gib:.1f} GiB, sequence {seq_len} "
+    lines = [f"{model} on a GPU with {gpu_memory / gib:.1f} GiB, sequence {seq_len}, global batch {global_batch} "
              "(device memory = simulated reserved + CUDA context)"]
-    if any(r.method == "qlora" for r in rows):
+    if any(c.method == "qlora" for c in choices):
         lines.append(f"QLoRA's model: {QUANT_PATHS[quant_path]}")
-    lines += [
-             f"{'method':8s} {'checkpointing':13s} {'batch 1':>10s} {'fits':>5s} {'largest batch':>14s} {'at':>10s}"]
-    for r in rows:
-        at = f"{r.device_bytes_largest / gib:.2f} GiB" if r.device_bytes_largest else "-"
-        lines.append(f"{r.method:8s} {'on' if r.gradient_checkpointing else 'off':13s} "
-                     f"{r.device_bytes_batch_1 / gib:6.2f} GiB {'yes' if r.fits_batch_1 else 'no':>5s} "
-                     f"{r.largest_batch:>14d} {at:>10s}")
+    lines.append(f"{'method':7s} {'fits':>4s} {'levers (cheapest that fit)':42s} {'micro x accum':>13s} "
+                 f"{'device':>10s} {'extra compute':>13s}")
+    for c in choices:
+        levers = " + ".join(c.levers) or "none needed"
+        host = f", {c.host_bytes / gib:.1f} GiB on host" if c.host_bytes else ""
+        lines.append(f"{c.method:7s} {'yes' if c.fits else 'no':>4s} {levers + host:42s} "
+                     f"{f'{c.micro_batch} x {c.accumulation}':>13s} {c.device_bytes / gib:6.2f} GiB "
+                     f"{f'{c.extra_compute:+.0%}':>13s}")
+    if any(not c.fits for c in choices):
+        lines.append("a method that does not fit shows its last try: every lever on, micro-batch 1")
     return "\n".join(lines) + "\n"
 
 
-def rows_json(rows: list[FitRow]) -> list[dict]:
-    return [asdict(r) for r in rows]
+def choices_json(choices: list[Choice]) -> list[dict]:
+    return [asdict(c) for c in choices]
 
 
 def memory_check_callback() -> Any:
@@ -177,6 +206,8 @@ def _compare(model: Any, args: Any, shape: tuple) -> None:
                              quant=plan and plan.quant, batch_size=shape[0], seq_len=shape[1], steps=1,
                              attn=_attention_name(getattr(base.config, "_attn_implementation", None)),
                              gradient_checkpointing=bool(args.gradient_checkpointing),
+                             chunked_loss=getattr(args, "lorakit_chunked_loss", None),
+                             activation_offload=getattr(args, "lorakit_activation_offload", False),
                              autocast="bfloat16" if args.bf16 else "float16" if args.fp16 else None)
     except Exception as exc:  # a check must never stop training
         logger.info(f"memory check skipped: {getattr(exc, 'message', exc)}")

@@ -52,7 +52,7 @@ def loftq_factors(weight: Any, quantized: Any, rank: int, scaling: float) -> tup
 
 
 def quantize(model: Any, plan: Plan) -> tuple[Any, dict[str, tuple[Any, Any]]]:
-    """Quantize the plan's Linear (and Conv1D) layers in place, then prepare the model for k-bit training.
+    """Quantize the plan's Linear (and Conv1D) layers in place and freeze the model (for k-bit training).
     Returns the model and, for a plan with `Lora(init="loftq")`, the LoftQ (A, B) of each 4-bit target."""
     import torch
     from transformers import PreTrainedModel
@@ -60,7 +60,6 @@ def quantize(model: Any, plan: Plan) -> tuple[Any, dict[str, tuple[Any, Any]]]:
 
     require_bitsandbytes()
     import bitsandbytes as bnb
-    from peft import prepare_model_for_kbit_training
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
 
     quant = plan.quant
@@ -98,6 +97,11 @@ def quantize(model: Any, plan: Plan) -> tuple[Any, dict[str, tuple[Any, Any]]]:
 
         model.config.quantization_config = config
         model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=False)
-    # Gradient checkpointing is a training choice (LoraTrainer's), not a side effect of quantizing.
+    # peft's prepare_model_for_kbit_training freezes the model and upcasts every other 16-bit parameter to
+    # float32: on an 8B model the embeddings and lm_head alone are 2 GiB more. They stay in the dtype they were
+    # loaded in, as `lorakit.load(quant=...)` / from_pretrained leave them (and TRL and unsloth train them);
+    # gradient checkpointing is LoraTrainer's choice (non-reentrant: no input-grad hook needed).
+    for param in model.parameters():
+        param.requires_grad_(False)
     factors = {name: pair for name, pair in loftq.items() if isinstance(pair[0], torch.Tensor)}
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False), factors
+    return model, factors

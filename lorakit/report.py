@@ -184,7 +184,9 @@ def report(model_or_config: Any, *, lora: Lora | dict | int | None = None, freez
                                   f"(step {sim.peak_step}, {sim.peak_phase}; {sim.settings['attn']} attention, "
                                   f"batch {batch_size}, "
                                   f"sequence {seq_len}, gradient checkpointing "
-                                  f"{'on' if gradient_checkpointing else 'off'}); counted on fake tensors")
+                                  f"{'on' if gradient_checkpointing else 'off'}; "
+                                  f"{'chunked' if sim.settings['chunked_loss'] else 'model'} loss, as LoraTrainer "
+                                  "computes it); counted on fake tensors")
     return result
 
 

@@ -35,7 +35,9 @@ from typing import Any
 from .allocator import CachingAllocator
 from .errors import LorakitError, SpecError
 from .materialise import QUANT_PATHS, materialise, prepare_bitsandbytes, state_tensors
+from .memplot import memory_plot
 from .batches import sample_batch
+from .levers import chunked_loss, chunked_loss_blocker, offloaded_activations, uncast_lora_inputs
 from .load import auto_class, check_task, resolve_config, task_from_config, with_architectures
 from .plan import check_init, model_task
 from .specs import Freeze, Lora, Quant, torch_dtype
@@ -65,14 +67,23 @@ class Simulation:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     phase_peaks: list[dict] = field(default_factory=list)  # per step and phase: the most allocated
+    host_peak: int = 0           # offloaded activations at most, in host memory (activation_offload)
+    step_flops: int = 0          # matmul/attention FLOPs of one step, recomputation included (FlopCounterMode)
+    timeline: dict | None = None  # bytes by kind over the peak step (stepping.timeline); None when extrapolated
 
     @property
     def device_total(self) -> int:
         """Reserved + CUDA context: about what nvidia-smi shows for the process."""
         return self.peak_reserved + self.cuda_context
 
-    def to_dict(self) -> dict:
-        return dict(asdict(self), device_total=self.device_total)
+    def to_dict(self) -> dict:  # without the timeline: the picture's data, not a figure
+        return dict({k: v for k, v in asdict(self).items() if k != "timeline"}, device_total=self.device_total)
+
+    def plot(self, path: str, gpu_memory: int | None = None, force: bool = False) -> None:
+        """Draw device memory over the ops of the peak step, stacked by kind, to a .png or .svg (`memplot`);
+        `gpu_memory` (bytes) draws the GPU's capacity. Needs a run with `extrapolate=False` on a model of many
+        identical blocks (the 2- and 3-block runs are not its timeline)."""
+        memory_plot(self, path, gpu_memory=gpu_memory, force=force)
 
 
 def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freeze | str | None = None,
@@ -80,7 +91,9 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
              autocast: str | None = "bfloat16", attn: str = "sdpa", batch_size: int = 1, seq_len: int = 512,
              gradient_checkpointing: bool = False, optimizer: str = "adamw", steps: int = 2,
              preset: str | None = None, trust_remote_code: bool = False, real: bool = False,
-             quant_path: str = "load", extrapolate: bool = True) -> Simulation:
+             quant_path: str = "load", extrapolate: bool = True, chunked_loss: bool | None = None,
+             activation_offload: bool = False, count_flops: bool = False,
+             peft_input_cast: bool = False) -> Simulation:
     """Simulate `steps` training steps of `model` (a config, a name `lorakit.load` accepts, or a transformers
     model in memory, rebuilt from its config and class) with the spec applied, on fake tensors.
 
@@ -91,8 +104,18 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
     `extrapolate`: a model of identical blocks is simulated with 2 and 3 of them and the rest worked out (exact
     for allocated bytes); False simulates every block.
     `real=True` runs the identical steps on real CPU tensors (small models only): the tests' reference.
+    `chunked_loss`, `activation_offload`: `LoraTrainer`'s memory levers (see `lorakit.levers` and
+    `training_args`), simulated with the same code; offloaded bytes are host memory (`Simulation.host_peak`).
+    `count_flops`: also count one step's FLOPs, recomputation included (`Simulation.step_flops`), in a step of
+    its own.
+    `peft_input_cast`: LoRA inputs upcast to the adapters' float32 as plain peft does in a loop of one's own
+    (LoraTrainer leaves them in the autocast dtype; see `lorakit.levers`); with chunked_loss=False, the step
+    of a plain training loop.
     """
     check_settings(batch_size, seq_len, attn, optimizer, autocast, steps)
+    if activation_offload and not gradient_checkpointing:
+        raise SpecError("activation_offload needs gradient checkpointing: without it every activation would "
+                        "cross to the host and back", hint="add gradient_checkpointing=True")
     if quant_path not in QUANT_PATHS:
         raise SpecError(f"unknown quant_path {quant_path!r}", hint=f"use one of {', '.join(QUANT_PATHS)}")
     lora, freeze, quant = Lora.coerce(lora), Freeze.coerce(freeze), Quant.coerce(quant)
@@ -107,7 +130,8 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
     run = dict(cls=cls, task=task, dtype=dtype, attn=attn, lora=lora, freeze=freeze, quant=quant, preset=preset,
                batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
                optimizer=optimizer, autocast=autocast, steps=steps, trust_remote_code=trust_remote_code,
-               real=real, quant_path=quant_path)
+               real=real, quant_path=quant_path, chunked_loss=chunked_loss, activation_offload=activation_offload,
+               count_flops=count_flops, peft_input_cast=peft_input_cast)
     blocks = None if real or not extrapolate else _uniform_blocks(config, cls, dtype, trust_remote_code, freeze, lora)
     if blocks is None:
         result, ran = _simulate_once(config, **run)
@@ -119,6 +143,7 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
         notes.append(f"simulated with 2 and 3 of its {blocks} identical blocks and extrapolated: allocated bytes "
                      "exactly; reserved as the 3-block run's fragmentation over that")
     result.model = name
+    notes += [note for note in result.warnings if note not in notes]
     if ran != ATTENTION[attn]:
         notes.append(f"{getattr(config, 'model_type', name)} models have no {attn} attention: simulated with {ran}, "
                      "as transformers runs them")
@@ -127,6 +152,8 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
                            optimizer=optimizer, steps=steps, real=real,
                            lora=asdict(lora) if lora else None, freeze=asdict(freeze) if freeze else None,
                            quant=asdict(quant) if quant else None, quant_path=quant_path if quant else None,
+                           chunked_loss=result.settings["chunked_loss"], activation_offload=activation_offload,
+                           peft_input_cast=peft_input_cast,
                            extrapolated_from_blocks=(2, 3) if blocks else None)
     result.warnings, result.seconds = notes, time.perf_counter() - started
     return result
@@ -134,8 +161,9 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
 
 def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, lora: Any, freeze: Any, quant: Any,
                    preset: Any, batch_size: int, seq_len: int, gradient_checkpointing: bool, optimizer: str,
-                   autocast: Any, steps: int, trust_remote_code: bool, real: bool,
-                   quant_path: str) -> tuple[Simulation, str]:
+                   autocast: Any, steps: int, trust_remote_code: bool, real: bool, quant_path: str,
+                   chunked_loss: bool | None, activation_offload: bool,
+                   count_flops: bool, peft_input_cast: bool) -> tuple[Simulation, str]:
     """One simulated run of exactly this config: (the result, the attention implementation that ran)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -153,6 +181,7 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
             net = wrap(net, lora=lora, freeze=freeze, quant=quant, preset=preset)
     if not any(p.requires_grad for p in net.parameters()):
         raise SpecError("nothing in this model is trainable", hint="give a LoRA spec or a freeze spec")
+    chunked, notes = _chunked_loss(net, task, chunked_loss)
     if gradient_checkpointing:
         checkpoint(net)
     net.train()
@@ -165,8 +194,30 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
                 counter.track(tensor)
             setup = counter.live
             with cuda_kernels(), _without_value_checks():
-                _run_steps(net, inputs, counter, optimizer, autocast, steps)
-    return _summarise(counter, setup, "", steps), ran
+                _run_steps(net, inputs, counter, optimizer, autocast, steps, chunked, activation_offload,
+                           autocast is not None and not peft_input_cast)
+        # a step of its own: FlopCounterMode beside LiveBytes changes what checkpointing keeps
+        flops = _step_flops(net, inputs, autocast, chunked) if count_flops else 0
+    result = _summarise(counter, setup, "", steps)
+    result.settings, result.warnings, result.host_peak = {"chunked_loss": chunked}, notes, counter.host_peak
+    result.step_flops = flops
+    return result, ran
+
+
+def _chunked_loss(net: Any, task: str, asked: bool | None) -> tuple[bool, list[str]]:
+    """Whether the step uses the chunked causal-LM loss, as `LoraTrainer` decides it, and the note saying why not."""
+    if asked is False:
+        return False, []
+    if task != "causal-lm":
+        if asked:
+            raise SpecError(f"chunked_loss is a causal-LM loss; this model's task is {task}",
+                            hint="leave chunked_loss unset: the model's own loss is simulated")
+        return False, []
+    blocker = chunked_loss_blocker(net)
+    if blocker and asked:
+        raise SpecError(f"chunked_loss=True, but it would not give this model's loss: {blocker}",
+                        hint="leave chunked_loss unset to simulate the standard loss")
+    return blocker is None, [f"standard causal-LM loss (LoraTrainer's too): {blocker}"] if blocker else []
 
 
 def _uniform_blocks(config: Any, cls: Any, dtype: Any, trust_remote_code: bool, freeze: Any, lora: Any) -> int | None:
@@ -335,11 +386,14 @@ def _optimizer(net: Any, optimizer: str) -> Any:
     if optimizer == "sgd":
         return torch.optim.SGD(params, lr=5e-5)
     import bitsandbytes as bnb
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-    return bnb.optim.AdamW8bit(params, lr=5e-5)
+    with unset_fake_temporarily():  # its quantization maps are built with .tolist(): real values, a few KiB
+        return bnb.optim.AdamW8bit(params, lr=5e-5)
 
 
-def _run_steps(net: Any, batch: dict, counter: Any, optimizer_name: str, autocast: str | None, steps: int) -> None:
+def _run_steps(net: Any, batch: dict, counter: Any, optimizer_name: str, autocast: str | None, steps: int,
+               chunked: bool, offload: bool, uncast: bool) -> None:
     import torch
 
     from .stepping import module_names
@@ -355,7 +409,10 @@ def _run_steps(net: Any, batch: dict, counter: Any, optimizer_name: str, autocas
     with module_names(net, counter):
         for step in range(1, steps + 1):
             counter.set_phase(step, "forward")
-            with torch.autocast("cpu", dtype=getattr(torch, autocast or "bfloat16"), enabled=autocast is not None):
+            with torch.autocast("cpu", dtype=getattr(torch, autocast or "bfloat16"), enabled=autocast is not None), \
+                    chunked_loss(net, "cuda") if chunked else contextlib.nullcontext(), \
+                    offloaded_activations() if offload else contextlib.nullcontext(), \
+                    uncast_lora_inputs(net, uncast):
                 out = net(**inputs)
                 loss = out.loss if getattr(out, "loss", None) is not None else out[0].float().mean()  # no head
                 del out  # its logits and cache are Trainer's to drop at once too
@@ -375,6 +432,38 @@ def _run_steps(net: Any, batch: dict, counter: Any, optimizer_name: str, autocas
             optimizer.zero_grad(set_to_none=True)
             counter.set_phase(step, "end")
     counter.set_phase(steps, "done")
+
+
+def _step_flops(net: Any, inputs: dict, autocast: str | None, chunked: bool) -> int:
+    import torch
+
+    counter = step_flop_counter()
+    with counter, torch.autocast("cpu", dtype=getattr(torch, autocast or "bfloat16"), enabled=autocast is not None), \
+            chunked_loss(net, "cuda") if chunked else contextlib.nullcontext():
+        out = net(**inputs)
+        loss = out.loss if getattr(out, "loss", None) is not None else out[0].float().mean()
+        del out
+        loss.backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def step_flop_counter() -> Any:
+    """torch's FlopCounterMode, quiet, taught the FLOPs of torch's chunked cross-entropy (it computes the logits
+    and the gradients in its forward: one matmul over the head, one more per gradient it computes)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    mapping = {}
+    if hasattr(torch.nn.functional, "linear_cross_entropy"):
+        import torch.nn.modules.linear_cross_entropy  # noqa: F401  (registers the op; torch imports it on first use)
+
+        chunked = torch.ops.torch_nn._linear_cross_entropy_batch_chunked
+        def chunked_flops(hidden_shape, weight_shape, *args, out_shape=None, **kwargs) -> int:
+            rows, features = hidden_shape
+            return 2 * rows * features * weight_shape[0] * (1 + bool(args[-3]) + bool(args[-2]))
+        mapping[chunked] = mapping[chunked.default] = chunked_flops  # the overload too, or the mode decomposes it
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 def _summarise(counter: Any, setup: int, name: str, steps: int) -> Simulation:

@@ -12,6 +12,8 @@ import contextlib
 import dataclasses
 from typing import Any
 
+KINDS = ("weights", "gradients", "optimizer state", "activations", "temporaries", "workspace")  # the breakdown's
+
 
 @contextlib.contextmanager
 def module_names(net: Any, counter: Any):
@@ -83,7 +85,35 @@ def replay(counter: Any, allocator: Any) -> dict:
             "peak_reserved": allocator.reserved,
             "phase_peaks": [{"step": s, "phase": ph, "peak_allocated": b, "reserved": r,
                              "breakdown": _breakdown(counter, i, free_at, starts), "module": _module_at(counter, i)}
-                            for (s, ph), (b, i, r) in phase_peaks.items()]}
+                            for (s, ph), (b, i, r) in phase_peaks.items()],
+            "timeline": timeline(counter, peak_step, peak_index, free_at, starts)}
+
+
+def timeline(counter: Any, step: int, peak_index: int, free_at: dict, starts: dict, points: int = 1500) -> dict:
+    """Bytes live by kind (the breakdown's) over one step's allocations and frees, forward to optimizer, for the
+    memory picture (`lorakit.memplot`). At most `points` samples: each is the event with the most bytes live in
+    its stretch, and the peak's event is always one, so the drawn maximum is the peak."""
+    first = starts.get((step, "forward"), 0)
+    last = starts.get((step, "end"), len(counter.events))
+    stretch = max(1, -(-(last - first) // points))
+    live = dict.fromkeys(KINDS, 0)
+    samples: list[tuple[int, list[int]]] = []
+    best: tuple[int, int, list[int]] | None = None  # (total, index, bytes by kind) in the current stretch
+    for index, sid in enumerate(counter.events[:last]):
+        storage = counter.storages[abs(sid)]
+        live[_category(storage, abs(sid), free_at, starts)] += storage.size if sid > 0 else -storage.size
+        if index < first:
+            continue
+        total = sum(live.values())
+        if best is None or total > best[0] or index == peak_index:
+            best = (total if index != peak_index else 1 << 62, index, list(live.values()))
+        if (index - first + 1) % stretch == 0 or index == last - 1:
+            samples.append((best[1], best[2]))
+            best = None
+    phases = sorted((i, phase) for (s, phase), i in starts.items() if s == step and first <= i < last)
+    return {"step": step, "kinds": list(KINDS), "events": [i - first for i, _ in samples],
+            "bytes": [b for _, b in samples], "phases": [(phase, i - first) for i, phase in phases],
+            "peak_event": peak_index - first}
 
 
 def _module_at(counter: Any, index: int) -> str:
@@ -112,7 +142,7 @@ def _breakdown(counter: Any, peak_index: int, free_at: dict, starts: dict) -> di
             alive.add(sid)
         else:
             alive.discard(-sid)
-    out = dict.fromkeys(("weights", "gradients", "optimizer state", "activations", "temporaries", "workspace"), 0)
+    out = dict.fromkeys(KINDS, 0)
     for sid in alive:
         storage = counter.storages[sid]
         out[_category(storage, sid, free_at, starts)] += storage.size
@@ -151,7 +181,8 @@ def extrapolated(two: Any, three: Any, blocks: int) -> Any:
     result = dataclasses.replace(three, peak_allocated=peak["peak_allocated"], peak_step=peak["step"], peak_phase=peak["phase"],
                      peak_module=peak["module"], breakdown=peak["breakdown"], phase_peaks=phases,
                      setup_allocated=grow(two.setup_allocated, three.setup_allocated),
-                     peak_reserved=max(p["reserved"] for p in phases))
+                     host_peak=grow(two.host_peak, three.host_peak), step_flops=grow(two.step_flops, three.step_flops),
+                     peak_reserved=max(p["reserved"] for p in phases), timeline=None)  # the 3-block run's
     result.steps = []
     for step in three.steps:
         mine = [p for p in phases if p["step"] == step["step"] and p["phase"] not in ("end", "done")]

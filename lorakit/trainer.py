@@ -14,6 +14,7 @@ Distribution is Trainer's (accelerate): it runs unchanged under torchrun.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -30,6 +31,7 @@ from .checkpoints import TRASH, rotate, seal, verify_checkpoint
 from .data import VisionChatCollator
 from .errors import LorakitError
 from .fit import memory_check_callback
+from .levers import chunked_loss, chunked_loss_blocker, offloaded_activations, uncast_lora_inputs
 from .plan import model_task
 from .render import summary
 from .report import report
@@ -40,13 +42,28 @@ logger = logging.getLogger("lorakit")
 _STAGING = ".lorakit-staging"
 
 
-def training_args(output_dir: str, **overrides: Any) -> TrainingArguments:
+def training_args(output_dir: str, *, chunked_loss: bool | None = None, activation_offload: bool = False,
+                  **overrides: Any) -> TrainingArguments:
     """TrainingArguments with lorakit's defaults: on CUDA bf16 where supported, else fp16; fp32 on CPU;
     non-reentrant gradient checkpointing when it is turned on; no external loggers. Evaluation is off unless
     eval_strategy is given; `LoraTrainer` turns on per-epoch evaluation when it gets an eval_dataset and
     eval_strategy was left to this default (Trainer refuses to evaluate without an eval set). Without a
-    learning_rate, `LoraTrainer` uses the LoRA plan's (the family preset's, see `Plan.defaults`)."""
+    learning_rate, `LoraTrainer` uses the LoRA plan's (the family preset's, see `Plan.defaults`).
+
+    Two memory levers of `LoraTrainer` (see `lorakit.levers`):
+    chunked_loss: a causal LM's training loss over lm_head's weight in chunks, never the full-vocabulary
+        logits. None (default): on wherever it computes exactly the standard loss; False: the standard loss.
+    activation_offload: what the forward saves for backward (the checkpointed layer inputs) is kept in host
+        memory; needs gradient checkpointing."""
     import torch
+
+    if chunked_loss not in (None, True, False):
+        raise LorakitError(f"chunked_loss must be True, False or None, got {chunked_loss!r}",
+                           hint="None (the default) uses it wherever it gives the standard loss")
+    checkpointing = overrides.get("gradient_checkpointing") or overrides.get("activation_checkpointing")
+    if activation_offload and not checkpointing:
+        raise LorakitError("activation_offload=True needs gradient checkpointing: without it every activation "
+                           "would cross to the host and back", hint="add gradient_checkpointing=True")
 
     defaults: dict[str, Any] = {"report_to": "none", "save_strategy": "epoch", "eval_strategy": "no",
                                 "logging_strategy": "steps", "logging_steps": 10}
@@ -59,6 +76,7 @@ def training_args(output_dir: str, **overrides: Any) -> TrainingArguments:
     if overrides.get("gradient_checkpointing"):
         defaults["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     args = TrainingArguments(output_dir=output_dir, **{**defaults, **overrides})
+    args.lorakit_chunked_loss, args.lorakit_activation_offload = chunked_loss, bool(activation_offload)
     args.lorakit_eval_by_default = "eval_strategy" not in overrides and not overrides.get("load_best_model_at_end")
     # the rate TrainingArguments chose for lack of one; LoraTrainer replaces it with the plan's if still unchanged
     args.lorakit_default_rate = None if "learning_rate" in overrides else args.learning_rate
@@ -138,6 +156,8 @@ class LoraTrainer(Trainer):
         self._gradients_to_check = check_gradients
         super().__init__(model=model, args=args, **kwargs)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self._chunked_loss = self._choose_loss(model_task(base), getattr(args, "lorakit_chunked_loss", None))
+        self._offload = getattr(args, "lorakit_activation_offload", False)
         if model_task(base) not in _TOKEN_AVERAGED_TASKS:
             # Trainer multiplies the loss by the number of processes for any model whose forward takes
             # **kwargs, expecting it to divide by num_items_in_batch; classification heads compute a plain
@@ -152,6 +172,40 @@ class LoraTrainer(Trainer):
         super()._set_signature_columns_if_needed()
         if isinstance(self.data_collator, VisionChatCollator) and "images" not in self._signature_columns:
             self._signature_columns.append("images")
+
+    def _choose_loss(self, task: str, asked: bool | None) -> bool:
+        """Whether training steps use lorakit's chunked causal-LM loss (`lorakit.levers`)."""
+        if asked is False:
+            return False
+        if task != "causal-lm":
+            if asked:
+                raise LorakitError(f"chunked_loss=True is a causal-LM loss; this model's task is {task}",
+                                   hint="leave chunked_loss unset: the model's own loss is used")
+            return False
+        blocker = chunked_loss_blocker(self.model)
+        if blocker is None and (self.label_smoother is not None or self.compute_loss_func is not None):
+            blocker = "a label smoother or compute_loss_func needs the logits"
+        if blocker and asked:
+            raise LorakitError(f"chunked_loss=True, but it would not give this model's loss: {blocker}",
+                               hint="leave chunked_loss unset to train with the standard loss")
+        if blocker:
+            logger.info("standard causal-LM loss: %s", blocker)
+        return blocker is None
+
+    def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
+                     num_items_in_batch: Any = None) -> Any:
+        """Trainer's loss, with the memory levers on for training steps (`lorakit.levers`): the chunked causal-LM
+        loss (the forward's `logits` are then lm_head's inputs, which Trainer drops), activation offload, and
+        under mixed precision LoRA inputs left in the autocast dtype."""
+        with contextlib.ExitStack() as levers:
+            if model.training and not return_outputs:
+                unwrapped = self.accelerator.unwrap_model(model)
+                if self._chunked_loss and "labels" in inputs:
+                    levers.enter_context(chunked_loss(unwrapped))
+                if self._offload:
+                    levers.enter_context(offloaded_activations())
+                levers.enter_context(uncast_lora_inputs(unwrapped, self.args.bf16 or self.args.fp16))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     # ---- before and during training ------------------------------------
 

@@ -14,10 +14,10 @@ import lorakit
 
 PACKAGE = Path(lorakit.__file__).parent
 LAYERS = [
-    ["errors"],
+    ["errors", "console"],
     ["serving_rules"],
-    ["files", "specs"],
-    ["names", "zoo", "allocator", "materialise", "stepping", "gguf_source", "batches"],
+    ["files", "specs", "levers"],
+    ["names", "zoo", "allocator", "materialise", "stepping", "gguf_source", "batches", "memplot"],
     ["state", "counting", "gguf_families", "llama_cpp"],
     ["gguf_vocab"],
     ["targeting"],

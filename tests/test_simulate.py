@@ -174,20 +174,34 @@ def test_cli_fit_rejects_unparsable_memory(capsys):
     assert "error: cannot read a memory size" in err and "hint:" in err and "Traceback" not in err
 
 
-def test_fit_finds_the_largest_batch(tmp_path):
-    """The limit is set between two independently simulated batch sizes: fit must land on the lower one."""
+def test_fit_takes_the_cheapest_lever_that_fits(tmp_path):
+    """Limits set between independently simulated configurations: fit must climb the ladder exactly as far as
+    the limit needs, then trade micro-batch for gradient accumulation."""
     from lorakit.fit import fit
 
     lora = lorakit.Lora(r=16, targets="all-linear")
     config = _llama_config()
-    config.vocab_size = 32000  # float32 logits of 8 MiB per sequence: each batch step moves the reserved figure
-    three = simulate(config, lora=lora, batch_size=3, seq_len=64)
-    four = simulate(config, lora=lora, batch_size=4, seq_len=64)
-    assert four.device_total > three.device_total
-    limit = (three.device_total + four.device_total) // 2
-    rows = fit(config, limit, seq_len=64, lora=lora, methods=("lora",), checkpointing=(False,))
-    assert [(r.method, r.gradient_checkpointing, r.fits_batch_1) for r in rows] == [("lora", False, True)]
-    assert rows[0].largest_batch == 3 and rows[0].device_bytes_largest == three.device_total
+    config.vocab_size = 32000  # float32 logits of 8 MiB per sequence: the loss dominates the step
+    common = dict(task="causal-lm", lora=lora, seq_len=64)
+    plain = simulate(config, batch_size=4, chunked_loss=False, **common)
+    chunked = simulate(config, batch_size=4, **common)
+    assert chunked.device_total < plain.device_total
+    choice, = fit(config, (plain.device_total + chunked.device_total) // 2, seq_len=64, global_batch=4,
+                  lora=lora, task="causal-lm", methods=("lora",))
+    assert choice.fits and choice.levers == ["chunked loss"] and (choice.micro_batch, choice.accumulation) == (4, 1)
+    assert choice.device_bytes == chunked.device_total
+    assert choice.training_args == {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                                    "chunked_loss": True}
+    every = dict(gradient_checkpointing=True, activation_offload=True, optimizer="adamw-8bit", **common)
+    at_two, at_four = simulate(config, batch_size=2, **every), simulate(config, batch_size=4, **every)
+    assert at_two.device_total < at_four.device_total
+    choice, = fit(config, (at_two.device_total + at_four.device_total) // 2, seq_len=64, global_batch=4,
+                  lora=lora, task="causal-lm", methods=("lora",))
+    assert choice.fits and choice.levers == ["chunked loss", "checkpointing", "activation offload", "8-bit optimizer"]
+    assert (choice.micro_batch, choice.accumulation, choice.device_bytes) == (2, 2, at_two.device_total)
+    args = lorakit.training_args(str(tmp_path), **choice.training_args)  # taken as it is
+    assert args.gradient_accumulation_steps == 2 and args.optim == "adamw_bnb_8bit"
+    assert choice.step_flops > 0 and choice.extra_compute > 0  # checkpointing recomputes the forward
 
 
 def _deep_llama(blocks: int = 8):

@@ -1,0 +1,106 @@
+"""Issue 22's targets for the memory levers, side by side in one run (CPU; no GPU needed):
+
+    python -m benchmarks.levers            # writes benchmarks/results/levers-cpu.json
+
+1. Llama-3.1-8B, LoRA r=16 all-linear, checkpointing, batch 1, seq 8192: the simulated peak allocated with
+   LoraTrainer's levers (chunked loss, LoRA inputs left in bf16) vs a plain loop's step. Target: <= 20 GiB.
+2. QLoRA 8B: simulated weights (setup allocated). Target: <= 6.0 GiB.
+3. A real LoraTrainer step of a tiny Llama with a 32k vocabulary at seq 1024, on CPU: peak live tensor bytes
+   (`counting.LiveBytes(real tensors, open_custom_ops=True)`: every storage, also inside torch's chunked op)
+   and step time, chunked loss vs standard. Targets: <= 0.5x the bytes, <= 1.1x the time.
+4. `lorakit fit` for 8B on 24 GiB at seq 8192, global batch 32: the configuration each method gets.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+GIB = 2**30
+
+
+def simulated_8b() -> dict:
+    import lorakit
+    from lorakit.simulate import simulate
+
+    lora = lorakit.Lora(r=16, targets="all-linear")
+    common = dict(lora=lora, batch_size=1, seq_len=8192, gradient_checkpointing=True)
+    plain = simulate("meta-llama/Llama-3.1-8B", chunked_loss=False, peft_input_cast=True, **common)
+    levers = simulate("meta-llama/Llama-3.1-8B", **common)
+    offload = simulate("meta-llama/Llama-3.1-8B", activation_offload=True, **common)
+    qlora = simulate("meta-llama/Llama-3.1-8B", lora=lora, quant=lorakit.Quant(bits=4, compute_dtype="bfloat16"),
+                     batch_size=1, seq_len=8192, gradient_checkpointing=True)
+    return {"lora_seq8192_plain_loop_gib": plain.peak_allocated / GIB,
+            "lora_seq8192_loratrainer_gib": levers.peak_allocated / GIB,
+            "lora_seq8192_loratrainer_peak_module": levers.peak_module,
+            "lora_seq8192_with_offload_gib": offload.peak_allocated / GIB,
+            "lora_seq8192_offloaded_host_gib": offload.host_peak / GIB,
+            "qlora_weights_gib": qlora.setup_allocated / GIB,
+            "qlora_seq8192_loratrainer_gib": qlora.peak_allocated / GIB,
+            "targets": {"lora_seq8192_loratrainer_gib": 20.0, "qlora_weights_gib": 6.0}}
+
+
+def real_step(vocab: int = 32000, seq: int = 1024, repeats: int = 5) -> dict:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lorakit
+    from lorakit.counting import LiveBytes
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=seq)
+    ids = torch.randint(0, vocab, (2, seq), generator=torch.Generator().manual_seed(0))
+    out: dict = {"model": f"tiny Llama (hidden 256, 2 layers, vocab {vocab})", "batch": 2, "seq": seq}
+    for name, chunked in (("standard", False), ("chunked", None)):
+        torch.manual_seed(0)
+        args = lorakit.training_args("/tmp/lorakit-levers-bench", chunked_loss=chunked, save_strategy="no")
+        trainer = lorakit.LoraTrainer(model=LlamaForCausalLM(config), args=args, train_dataset=[{"input_ids": ids[0]}],
+                                      lora=lorakit.Lora(r=8, targets="all-linear"), check_gradients=False)
+        model = trainer.model.train()
+        batch = {"input_ids": ids, "labels": ids}
+        trainer.training_step(model, dict(batch))  # warm-up
+        counter = LiveBytes(cuda=False, open_custom_ops=True)
+        with counter:
+            trainer.training_step(model, dict(batch))
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            trainer.training_step(model, dict(batch))
+            times.append(time.perf_counter() - started)
+        out[name] = {"peak_live_bytes": counter.peak, "step_seconds": statistics.median(times),
+                     "uses_chunked_loss": trainer._chunked_loss}
+    out["bytes_ratio"] = out["chunked"]["peak_live_bytes"] / out["standard"]["peak_live_bytes"]
+    out["time_ratio"] = out["chunked"]["step_seconds"] / out["standard"]["step_seconds"]
+    out["targets"] = {"bytes_ratio": 0.5, "time_ratio": 1.1}
+    return out
+
+
+def fit_8b() -> list[dict]:
+    from lorakit.fit import choices_json, fit
+
+    choices = fit("meta-llama/Llama-3.1-8B", "24GiB", seq_len=8192, global_batch=32)
+    return [{k: v for k, v in c.items() if k != "tried"} | {"simulated_runs": len(c["tried"])}
+            for c in choices_json(choices)]
+
+
+def main() -> dict:
+    import torch
+
+    results = {"machine": f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}",
+               "date": time.strftime("%Y-%m-%d"), "simulated_llama_3_1_8b": simulated_8b(),
+               "real_cpu_step": real_step()}
+    started = time.perf_counter()
+    results["fit_llama_3_1_8b_24gib_seq8192_global32"] = fit_8b()
+    results["fit_seconds"] = time.perf_counter() - started
+    path = HERE / "results" / "levers-cpu.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    json.dump(results, sys.stdout, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
