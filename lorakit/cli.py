@@ -24,6 +24,7 @@ from .memplot import check_path
 from .merging import METHODS, merge
 from .render import FORMATS, architecture_summary, architecture_table, plot
 from .report import report
+from .serving import SERVERS, serving_breaches
 from .simulate import simulate
 from .specs import Freeze, Lora, Quant
 from .wrap import targets
@@ -133,9 +134,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         gguf = done["gguf"]
         print(f"wrote {gguf['path']} ({gguf['type']}, {gguf['bytes'] / 2**20:.1f} MiB, tokenizer {gguf['tokenizer']})")
         if gguf["verification"]:
-            print(f"verified by loading it back: max |logit difference| "
-                  f"{gguf['verification']['max_abs_logit_difference']:.2e} "
-                  f"(tolerance {gguf['verification']['tolerance']:.1e})")
+            print(f"verified: {gguf['verification']['summary']}")
     return 0
 
 
@@ -175,6 +174,15 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="local model folder, bundled zoo name (see `lorakit zoo`) or Hub id")
     parser.add_argument("--task", choices=list(TASKS), help="which head (default: from the config)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    breaches = serving_breaches(args.adapter, args.serve)
+    for breach in breaches:
+        print(f"- {breach.rule}: {breach.problem}\n  fix: {breach.fix}")
+    print(f"{args.adapter} breaks {len(breaches)} rule(s) of {args.serve}" if breaches else
+          f"{args.adapter} can be served by {args.serve} as it is")
+    return 1 if breaches else 0
 
 
 def cmd_architectures(args: argparse.Namespace) -> int:
@@ -275,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     hub = sub.add_parser("architectures", help="the model families lorakit supports and tests, with their limits")
     hub.add_argument("--by-group", action="store_true", help="one row per group of families")
     hub.set_defaults(func=cmd_architectures)
+
+    check = sub.add_parser("check", help="can an adapter be served unmerged? every serving rule it breaks, with the fix")
+    check.add_argument("adapter", help="the adapter folder (adapter_config.json, adapter_model.safetensors)")
+    check.add_argument("--serve", required=True, choices=list(SERVERS), help="the server to check against")
+    check.set_defaults(func=cmd_check)
     return parser
 
 

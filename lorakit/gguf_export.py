@@ -1,11 +1,11 @@
-"""Export a merged Llama-family checkpoint to GGUF (llama.cpp, Ollama), written with the `gguf` package.
+"""Export a merged checkpoint to GGUF (llama.cpp, Ollama), written with the `gguf` package.
 
-What llama.cpp's converter does for Llama, done with gguf's own pieces: its GGUFWriter and key names,
-its TensorNameMap for the tensor names, its quantizers for q8_0, its SpecialVocab for merges, special
-ids and the chat template. Q and K weights are permuted so that llama.cpp's RoPE (adjacent pairs)
-equals transformers' (halves); transformers' GGUF loader undoes exactly this. Tensors are read one at
-a time from the merged safetensors and written as they come: the writer holds the header, not the model.
-The file is checked by loading it back with transformers (`gguf_file=`) and comparing logits.
+What llama.cpp's converter does, done with gguf's own pieces: its GGUFWriter and key names, its TensorNameMap
+for the tensor names, its quantizers for q8_0, its SpecialVocab for merges, special ids and the chat template.
+What differs per family (architecture, tensor changes, metadata) is in gguf_families, the tokenizer in
+gguf_vocab. Tensors are read one at a time from the merged safetensors and written as they come: the writer
+holds the header, not the model. The file is checked before it gets its name: by llama.cpp itself when
+lorakit has built it on this machine (llama_cpp.build_probe), else by loading it back with transformers.
 """
 
 from __future__ import annotations
@@ -17,46 +17,22 @@ from typing import Any
 
 from .errors import LorakitError, SpecError
 from .files import atomic_path, refuse_existing
-from .verify import sample_inputs
+from .gguf_families import FAMILIES, adjusted, check_family, extra_tensors
+from .gguf_families import add_metadata as add_family_metadata
+from .gguf_vocab import add_tokenizer, check_tokenizer, has_tokenizer
+from .gguf_verify import verify_gguf
 
-GGUF_TYPES = ("f16", "q8_0")
-ARCHITECTURES = ("llama",)  # transformers model_type -> llama.cpp's "llama" architecture
-# llama.cpp names a BPE pre-tokenizer by what it splits on; these are the ones whose split we can
-# read off tokenizer.json with certainty. Others are refused rather than guessed.
-PRE_TOKENIZERS = {("ByteLevel",): "gpt-2", ("Digits", "ByteLevel"): "smollm"}
-# Measured on SmolLM2-135M-Instruct and tiny Llamas (README): f16 weights move logits by ~1e-3 of
-# their largest value, q8_0 by ~1e-2. The bounds leave room above those figures.
-TOLERANCE = {"f16": 0.01, "q8_0": 0.08}  # times max |logit| of the merged model
+GGUF_TYPES = ("f16", "q8_0", "f32")  # f32: exact weights, for checking a model in llama.cpp
+ARCHITECTURES = tuple(sorted(FAMILIES))  # transformers model types the export writes
 
 
 def check_gguf(config: Any, tokenizer_dir: Path | None, gguf_type: str) -> None:
     """Everything that would make the export fail, raised before any weight is merged or written."""
     if gguf_type not in GGUF_TYPES:
         raise SpecError(f"unknown GGUF type {gguf_type!r}", hint=f"GGUF types are: {', '.join(GGUF_TYPES)}")
-    if config.model_type not in ARCHITECTURES:
-        raise LorakitError(f"GGUF export does not know the {config.model_type} architecture",
-                           hint=f"it writes {', '.join(ARCHITECTURES)} models; merge to safetensors and use "
-                                "llama.cpp's convert_hf_to_gguf.py for others")
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise LorakitError(f"GGUF export does not write {rope['rope_type']!r} RoPE scaling",
-                           hint="merge to safetensors and convert with llama.cpp's convert_hf_to_gguf.py")
-    if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
-        _pre_tokenizer(tokenizer_dir)
-
-
-def _pre_tokenizer(folder: Path) -> str:
-    data = json.loads((folder / "tokenizer.json").read_text())
-    if data["model"]["type"] != "BPE" or data["model"].get("byte_fallback"):
-        raise LorakitError("GGUF export writes byte-level BPE tokenizers only (GPT-2 style, as SmolLM2's)",
-                           hint="merge to safetensors and convert with llama.cpp's convert_hf_to_gguf.py")
-    pre = data.get("pre_tokenizer") or {}
-    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
-    key = tuple(step.get("type") for step in steps)
-    if key not in PRE_TOKENIZERS or (key[0] == "Digits" and not steps[0].get("individual_digits")):
-        raise LorakitError(f"GGUF export does not know the pre-tokenizer {key} of {folder / 'tokenizer.json'}",
-                           hint="merge to safetensors and convert with llama.cpp's convert_hf_to_gguf.py")
-    return PRE_TOKENIZERS[key]
+    check_family(config)
+    if has_tokenizer(tokenizer_dir):
+        check_tokenizer(tokenizer_dir)
 
 
 def _shards(folder: Path) -> list[Path]:
@@ -66,12 +42,14 @@ def _shards(folder: Path) -> list[Path]:
     return [folder / "model.safetensors"]
 
 
-def _tensor_plan(folder: Path, config: Any, gguf_type: str) -> list[tuple[str, Path, str, tuple, Any]]:
-    """(safetensors key, shard, gguf name, shape, ggml type) per tensor, from the headers only."""
+def _tensor_plan(folder: Path, config: Any, gguf_type: str) -> list[tuple[str, Path | None, str, tuple, Any]]:
+    """(safetensors key, shard, gguf name, shape, ggml type) per tensor, from the headers only; tensors
+    llama.cpp needs beyond the checkpoint's (Llama 3's rope_freqs) come last, with no shard."""
     import gguf
     from safetensors import safe_open
 
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    arch = getattr(gguf.MODEL_ARCH, FAMILIES[config.model_type].arch)
+    names = gguf.get_tensor_name_map(arch, config.num_hidden_layers)
     plan = []
     for shard in _shards(folder):
         with safe_open(str(shard), "pt") as handle:
@@ -80,11 +58,13 @@ def _tensor_plan(folder: Path, config: Any, gguf_type: str) -> list[tuple[str, P
                 mapped = names.get_name(stem)
                 if mapped is None:
                     raise LorakitError(f"GGUF export has no llama.cpp name for tensor {key}",
-                                       hint="this model differs from the Llama layout llama.cpp expects")
-                if mapped == "output" and config.tie_word_embeddings:
+                                       hint=f"this model differs from the {config.model_type} layout llama.cpp expects")
+                if mapped == "output" and (config.tie_word_embeddings or config.model_type == "gemma2"):
                     continue  # llama.cpp reuses token_embd, as transformers does
                 shape = tuple(handle.get_slice(key).get_shape())
                 plan.append((key, shard, f"{mapped}.{suffix}", shape, _ggml_type(shape, gguf_type)))
+    for name, array in extra_tensors(config).items():
+        plan.append((name, None, name, array.shape, gguf.GGMLQuantizationType.F32))
     return plan
 
 
@@ -94,7 +74,7 @@ def _ggml_type(shape: tuple, gguf_type: str) -> Any:
     import gguf
 
     T = gguf.GGMLQuantizationType
-    if len(shape) < 2:
+    if len(shape) < 2 or gguf_type == "f32":
         return T.F32
     if gguf_type == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[T.Q8_0][0] == 0:
         return T.Q8_0
@@ -116,21 +96,10 @@ def _stored(shape: tuple, ggml_type: Any) -> tuple[tuple, Any, int]:
     return stored, np.dtype(np.uint8), math.prod(stored)
 
 
-def _permute(weight: Any, heads: int) -> Any:
-    """llama.cpp's RoPE layout: per head, interleave the two halves (transformers' loader reverses it)."""
-    return weight.reshape(heads, 2, weight.shape[0] // heads // 2, *weight.shape[1:]).swapaxes(1, 2
-                                                                                               ).reshape(weight.shape)
-
-
-def _encoded(tensor: Any, gguf_name: str, ggml_type: Any, config: Any) -> Any:
+def _encoded(array: Any, ggml_type: Any) -> Any:
     import gguf
     import numpy as np
 
-    array = tensor.float().numpy()
-    if gguf_name.endswith("attn_q.weight"):
-        array = _permute(array, config.num_attention_heads)
-    elif gguf_name.endswith("attn_k.weight"):
-        array = _permute(array, config.num_key_value_heads or config.num_attention_heads)
     T = gguf.GGMLQuantizationType
     if ggml_type == T.F32:
         return array.astype(np.float32)
@@ -139,105 +108,57 @@ def _encoded(tensor: Any, gguf_name: str, ggml_type: Any, config: Any) -> Any:
     return gguf.quants.quantize(array, ggml_type)
 
 
-def _add_metadata(writer: Any, config: Any, gguf_type: str, name: str) -> None:
+def _add_general(writer: Any, gguf_type: str, name: str, plan: list) -> None:
+    """general.*: name, type, size label (from the parameter count, as the converter's), file type."""
+    import math
+
     import gguf
 
-    heads = config.num_attention_heads
-    rope = getattr(config, "rope_parameters", None) or {}
     writer.add_name(name)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config.num_key_value_heads or heads)
-    writer.add_rope_dimension_count(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(config.vocab_size)
-    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if gguf_type == "f16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    writer.add_type(gguf.GGUFType.MODEL)
+    total = sum(math.prod(shape) for *_, shape, _ in plan)
+    writer.add_size_label(gguf.size_label(total, total, 0, 0))
+    writer.add_file_type({"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+                          "f32": gguf.LlamaFileType.ALL_F32}[gguf_type])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _add_tokenizer(writer: Any, folder: Path, vocab_size: int) -> bool:
-    """llama.cpp's BPE vocabulary: every id's token, its type (control for special added tokens,
-    user-defined for other added ones), then gguf's SpecialVocab for merges, special ids, chat template."""
-    if not (folder / "tokenizer.json").is_file():
-        return False
-    import gguf
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
-    added = tokenizer.added_tokens_decoder
-    T = gguf.TokenType
-    tokens, types = [], []
-    for i in range(max(vocab_size, len(by_id))):
-        if i not in by_id:
-            tokens.append(f"[PAD{i}]")
-            types.append(T.UNUSED)
-        else:
-            tokens.append(by_id[i])
-            types.append(T.NORMAL if i not in added else T.CONTROL if added[i].special else T.USER_DEFINED)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(folder))
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
-    return True
-
-
 def export_gguf(folder: Path, path: Path, gguf_type: str, *, name: str = "merged", verify: bool = True) -> dict:
-    """Write `folder` (a merged Llama checkpoint) to the GGUF file `path`, via a temp name beside it,
-    renamed only after it loads back in transformers with logits close to the safetensors model's."""
+    """Write `folder` (a merged checkpoint) to the GGUF file `path`, via a temp name beside it, renamed only
+    after llama.cpp (or, without a llama.cpp build, transformers) runs it with logits close to the merged model's."""
     import gguf
     from safetensors import safe_open
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(folder))
-    check_gguf(config, folder, gguf_type)
+    check_gguf(config, None, gguf_type)  # the tokenizer is checked as it is written, before the file is named
+    found = FAMILIES[config.model_type]
     plan = _tensor_plan(folder, config, gguf_type)
+    extra = extra_tensors(config)
     with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-        _add_metadata(writer, config, gguf_type, name)
-        has_tokenizer = _add_tokenizer(writer, folder, config.vocab_size)
+        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, found.arch)])
+        _add_general(writer, gguf_type, name, plan)
+        add_family_metadata(writer, config)
+        has_tokenizer = add_tokenizer(writer, folder, config.vocab_size)
+        if not has_tokenizer and config.model_type not in ("llama", "mistral"):  # those write it in any case
+            writer.add_vocab_size(config.vocab_size)
         for _, _, gguf_name, shape, ggml_type in plan:  # the header first: names, shapes, types, sizes
             writer.add_tensor_info(gguf_name, *_stored(shape, ggml_type), raw_dtype=ggml_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         for key, shard, gguf_name, _, ggml_type in plan:  # one tensor resident at a time
-            with safe_open(str(shard), "pt") as handle:
-                writer.write_tensor_data(_encoded(handle.get_tensor(key), gguf_name, ggml_type, config))
+            if shard is None:
+                array = extra[key]
+            else:
+                with safe_open(str(shard), "pt") as handle:
+                    array = adjusted(handle.get_tensor(key).float().numpy(), gguf_name, key, config, found)
+            writer.write_tensor_data(_encoded(array, ggml_type))
         writer.close()
-        figures = verify_gguf(folder, Path(tmp), config, gguf_type) if verify else None
+        figures = verify_gguf(folder, Path(tmp), config, gguf_type, plan, extra) if verify else None
     return {"path": str(path), "type": gguf_type, "bytes": path.stat().st_size, "tensors": len(plan),
             "tokenizer": "in the metadata" if has_tokenizer else "none (the base had no tokenizer.json)",
             "verification": figures}
-
-
-def verify_gguf(folder: Path, file: Path, config: Any, gguf_type: str) -> dict:
-    """Logits of the GGUF loaded back by transformers against the merged safetensors model's."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    inputs = sample_inputs(config)
-    with torch.no_grad():
-        expected = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()(**inputs).logits
-        reloaded = AutoModelForCausalLM.from_pretrained(str(file.parent), gguf_file=file.name,
-                                                        dtype=torch.float32).eval()
-        actual = reloaded(**inputs).logits.float()
-    difference = float((expected - actual).abs().max())
-    scale = float(expected.abs().max())
-    tolerance = TOLERANCE[gguf_type] * scale
-    agree = float((expected.argmax(-1) == actual.argmax(-1)).float().mean())
-    figures = {"max_abs_logit_difference": difference, "max_abs_logit": scale, "tolerance": tolerance,
-               "top1_agreement": agree, "reference": "the merged safetensors model, fp32",
-               "sample": {k: list(v.shape) for k, v in inputs.items()}}
-    if not difference <= tolerance:
-        raise LorakitError(f"GGUF verification failed: logits differ by {difference:.3g} (tolerance {tolerance:.3g})",
-                           hint="nothing was written; report this with the model and adapter")
-    return figures
 
 
 def prepare_gguf(path: str | os.PathLike, gguf_type: str, force: bool) -> Path:

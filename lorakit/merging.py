@@ -86,7 +86,8 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
 
     `base`: anything `lorakit.load` takes, or None to use the adapter manifest's base. Returns the
     merge report (also written to `out_dir/merge_report.json`). With `gguf`, the merged model is also
-    written to that GGUF file (`gguf_type` f16 or q8_0; Llama family) and checked by loading it back.
+    written to that GGUF file (`gguf_type` f16, q8_0 or f32; the families in gguf_families.FAMILIES) and
+    checked before it gets its name (in llama.cpp when built here: see gguf_verify).
     """
     started = time.perf_counter()
     folders = [Path(a) for a in ([adapters] if isinstance(adapters, (str, os.PathLike)) else adapters)]

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import SpecError, closest
+from .serving_rules import SERVERS, spec_problems
 
 DTYPES = ("float32", "bfloat16", "float16")
 INITS = ("default", "gaussian", "pissa", "olora", "loftq")
@@ -122,6 +123,8 @@ class Lora:
                                    "(peft modules_to_save)", default_factory=list)
     init: str = _help('how adapters start (peft init_lora_weights): "default" (B = 0), "gaussian", "pissa" or '
                       '"olora" (full-precision bases), "loftq" (4-bit bases)', default="default")
+    serve_for: str | None = _help('"vllm" or "sglang": refuse what would keep the adapter from being served unmerged '
+                                  "there (lorakit check --serve gives the full list for a saved adapter)", default=None)
 
     def __post_init__(self) -> None:
         if self.init not in INITS:  # not peft's pissa_niter_N: its randomized SVD cannot be rebuilt on resume
@@ -154,6 +157,13 @@ class Lora:
             self.targets = list(self.targets)
         self.layers = parse_blocks(self.layers)
         self.train_fully = list(self.train_fully)
+        if self.serve_for is not None:
+            if self.serve_for not in SERVERS:
+                raise SpecError(f"Lora.serve_for must be one of {', '.join(SERVERS)}, got {self.serve_for!r}")
+            problems = spec_problems(self, self.serve_for)
+            if problems:
+                raise SpecError(f"this Lora cannot be served by {self.serve_for}: " + "; ".join(problems),
+                                hint="change those fields, or drop serve_for and merge the adapter instead")
 
     @classmethod
     def coerce(cls, value: Lora | dict | int | None) -> Lora | None:

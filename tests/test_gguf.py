@@ -134,7 +134,7 @@ def test_cli_writes_a_gguf(tmp_path, capsys):
     assert main(["merge", "--base", str(tmp_path / "base"), "--adapter", str(adapter), "--out",
                  str(tmp_path / "m"), "--gguf", str(tmp_path / "m.gguf"), "--gguf-type", "q8_0"]) == 0
     out = capsys.readouterr().out
-    assert "m.gguf (q8_0" in out and "verified by loading it back" in out
+    assert "m.gguf (q8_0" in out and "verified: run by" in out
 
 
 @pytest.fixture
@@ -169,3 +169,86 @@ def test_smollm2_merged_to_gguf_replies_like_the_merged_model(smollm2_base, tmp_
             reply = merged.generate(**ids, max_new_tokens=10, do_sample=False)
             gguf_reply = gguf_model.generate(**gguf_ids, max_new_tokens=10, do_sample=False)
         assert tokenizer.decode(reply[0]) == gguf_tokenizer.decode(gguf_reply[0])
+
+
+# ---- every family the export writes (tests/gguf_models.py), read back by gguf's reader ----------------------
+
+@pytest.mark.parametrize("name", list(__import__("gguf_models").FAMILIES))
+def test_each_family_exports_what_llama_cpp_expects(name, tmp_path):
+    import gguf
+    from gguf_models import FAMILIES, tiny_family
+    from safetensors.torch import load_file
+
+    base, adapter = tiny_family(name, tmp_path)
+    out = tmp_path / "m.gguf"
+    report = lorakit.merge(base, adapter, tmp_path / "merged", gguf=out)
+    assert report["gguf"]["verification"]["summary"]
+    config = __import__("transformers").AutoConfig.from_pretrained(tmp_path / "merged")
+    reader = gguf.GGUFReader(str(out))
+    fields = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    arch = FAMILIES[name][2]
+    assert fields["general.architecture"] == arch and fields["general.type"] == "model"
+    assert fields["tokenizer.ggml.model"] == "none"  # no tokenizer in the folder: llama.cpp runs on ids
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if getattr(config, "head_dim", None) is not None:
+        assert fields[f"{arch}.attention.key_length"] == fields[f"{arch}.attention.value_length"] == head_dim
+    # Every tensor is one llama.cpp's table has for the architecture (gguf.MODEL_TENSORS), block by block.
+    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch)
+    allowed = {gguf.TENSOR_NAMES[t].format(bid=b) for t in gguf.MODEL_TENSORS[arch_enum] for b in range(2)}
+    names = {t.name: t for t in reader.tensors}
+    assert {n.rpartition(".")[0] for n in names} <= allowed
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+
+    def stored(gguf_name):
+        tensor = names[gguf_name]
+        return gguf.dequantize(tensor.data, tensor.tensor_type).reshape(tuple(reversed(tensor.shape.tolist())))
+
+    if name.startswith("gemma"):  # Gemma's RMSNorm scales by 1 + weight: llama.cpp stores the sum
+        assert np.allclose(stored("blk.0.attn_norm.weight"), merged["model.layers.0.input_layernorm.weight"] + 1)
+        assert fields[f"{arch}.attention.sliding_window"] == 8
+        assert list(fields[f"{arch}.attention.sliding_window_pattern"]) == [t == "sliding_attention"
+                                                                            for t in config.layer_types]
+    if name == "gemma2":
+        assert fields["gemma2.attn_logit_softcapping"] == 50.0 and fields["gemma2.final_logit_softcapping"] == 30.0
+    if name == "llama-3":  # rope_freqs: transformers' llama3 frequencies divided into the default ones
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+        default = 1.0 / (500000.0 ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        assert np.allclose(stored("rope_freqs.weight"), (default / scaled).numpy(), rtol=1e-5)
+        assert (default / scaled).max() == 8.0  # some frequencies really are scaled in this tiny config
+    if name == "llama-head_dim-32":
+        assert fields["llama.rope.dimension_count"] == 32
+
+
+def test_families_llama_cpp_would_run_differently_are_refused(tmp_path):
+    from gguf_models import tiny_family
+
+    base, adapter = tiny_family("gemma2", tmp_path, query_pre_attn_scalar=32)
+    with pytest.raises(lorakit.LorakitError, match=r"llama.cpp scales Gemma attention by 1/sqrt\(16\)"):
+        lorakit.merge(base, adapter, tmp_path / "merged", gguf=tmp_path / "g.gguf")
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "g.gguf").exists()
+
+
+def _tiny_tokenizer(folder: Path, byte_fallback: bool) -> None:
+    """A BPE tokenizer trained here on a few words: byte-level (a pre-tokenizer llama.cpp's table cannot know)
+    or SentencePiece-style (byte_fallback, as Llama 2's and Mistral v0.1's tokenizer.json)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(byte_fallback=byte_fallback, unk_token=None if not byte_fallback else "<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.train_from_iterator(["hello world", "a tiny tokenizer for a test"] * 5,
+                                  trainers.BpeTrainer(vocab_size=90, special_tokens=["<unk>", "<s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>").save_pretrained(folder)
+
+
+@pytest.mark.parametrize("byte_fallback,message", [(False, "llama.cpp does not know the pre-tokenizer"),
+                                                   (True, "SentencePiece-style BPE")])
+def test_tokenizers_llama_cpp_cannot_name_are_refused_before_merging(byte_fallback, message, tmp_path):
+    adapter = tiny_llama(tmp_path, sharp=False)
+    _tiny_tokenizer(tmp_path / "base", byte_fallback)
+    with pytest.raises(lorakit.LorakitError, match=message):
+        lorakit.merge(tmp_path / "base", adapter, tmp_path / "merged", gguf=tmp_path / "t.gguf")
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "t.gguf").exists()
