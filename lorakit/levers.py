@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import inspect
@@ -40,7 +39,7 @@ _KEPT_LINES = re.compile(r"^(#.*|loss = None|if labels is not None:|logits = log
                          r"logits = logits / self\.config\.logits_scaling.*|)$")
 _SCALES = ("logit_scale", "logits_scaling")
 _SOFTCAP_BRANCH = re.compile(r"^if .*final_logit_softcapping.* is not None:$")
-MIN_CHUNK_ROWS = collections.defaultdict(lambda: 16, cpu=256)
+MIN_CHUNK_ROWS = {"cpu": 256}  # else 16
 OFFLOAD_HOST = {"active": False}  # set while lorakit's offload copies a tensor to the host (counting reads it)
 
 
@@ -62,8 +61,6 @@ def chunked_loss_blocker(model: Any) -> str | None:
         what = ("carries LoRA" if hasattr(head, "lora_A") else "is trained in full (modules_to_save)"
                 if hasattr(head, "modules_to_save") else f"is a {type(head).__name__}")
         return f"lm_head {what}: its logits come from more than one weight"
-    if type(head.weight).__name__ == "DTensor":
-        return "lm_head's weight is sharded (a DTensor)"
     if "_loss_function" in vars(base):
         return "the model has a loss_function of its own"
     text = getattr(base.config, "get_text_config", lambda: base.config)()
@@ -129,7 +126,7 @@ def chunked_loss_options(device_type: str, dtype: Any, rows: int, features: int,
     auto = torch.nn.LinearCrossEntropyOptions(acc_policy=policy, chunking_method=chunking, acc_dtype=accumulate)
     chunk = auto._adjust(rows, features, classes, dtype).batch_chunk_size  # torch's own heuristic
     return torch.nn.LinearCrossEntropyOptions(acc_policy=policy, chunking_method=None, acc_dtype=accumulate,
-                                              batch_chunk_size=max(chunk, min(MIN_CHUNK_ROWS[device_type], rows)))
+                                              batch_chunk_size=max(chunk, min(MIN_CHUNK_ROWS.get(device_type, 16), rows)))
 
 
 def _chunked_causal_lm_loss(logits: Any, labels: Any, vocab_size: int, *, head: Any, device_type: str | None,
