@@ -1,6 +1,6 @@
 """Transfer learning on a shifted, few-shot digits task: scikit-learn's handwritten digits (8x8), offline.
 
-    python examples/transfer_digits.py            # full run: 1/3/5 shots, 5 seeds x 3-4 learning rates
+    python examples/transfer_digits.py            # full run: 1/3/5 shots, 5 seeds x 3-4 learning rates (~30 min)
     python examples/transfer_digits.py --quick    # 5 shots, 2 seeds, each recipe's first rate
 
 Source: all ten digits, upright and clean, from one half of the data set (pretraining, with small random
@@ -59,22 +59,23 @@ HEAD_ONLY, FULL = lorakit.Freeze(backbone=True), None
 # (the full run's choice at 5 shots first: --quick uses it), starts from the pretrained model?)
 RECIPES = {
     "mlp": {
-        "scratch": ("random init, every layer", FULL, [3e-3, 1e-3, 1e-2], False),
-        "random-head": ("control: head on frozen random layers", {"freeze": HEAD_ONLY}, [3e-2, 1e-2, 1e-1], False),
-        "head": ("new head only", {"freeze": HEAD_ONLY}, [3e-3, 1e-3, 1e-2], True),
-        "head-last": ("head + last hidden layer", {"freeze": lorakit.Freeze(first_layers=1)}, [3e-3, 1e-3, 1e-2], True),
+        "scratch": ("random init, every layer", FULL, [3e-4, 1e-4, 1e-3, 3e-3], False),
+        "random-head": ("control: head on frozen random layers", {"freeze": HEAD_ONLY}, [1e-1, 3e-2, 1e-2], False),
+        "head": ("new head only", {"freeze": HEAD_ONLY}, [1e-3, 3e-4, 3e-3, 1e-2], True),
+        "head-last": ("head + last hidden layer", {"freeze": lorakit.Freeze(first_layers=1)},
+                      [3e-3, 1e-3, 3e-4, 1e-2], True),
         "lora": ("LoRA r=8, hidden layers + head", {"lora": lorakit.Lora(r=8, targets="all-linear")},
-                 [3e-3, 1e-3, 1e-2], True),
+                 [1e-3, 3e-4, 3e-3, 1e-2], True),
         "full": ("every layer", FULL, [1e-3, 3e-4, 3e-3], True),
     },
     "resnet": {
         "scratch": ("random init, every layer", FULL, [3e-3, 1e-3, 1e-2], False),
-        "random-fc": ("control: fc on a frozen random backbone", {"freeze": HEAD_ONLY}, [1e-2, 3e-3, 3e-2], False),
-        "fc": ("new fc only", {"freeze": HEAD_ONLY}, [1e-2, 3e-3, 3e-2], True),
+        "random-fc": ("control: fc on a frozen random backbone", {"freeze": HEAD_ONLY}, [3e-3, 1e-2, 3e-2], False),
+        "fc": ("new fc only", {"freeze": HEAD_ONLY}, [3e-2, 1e-2, 3e-3], True),
         "last-stage": ("stage 3 + fc", {"freeze": lorakit.Freeze(embeddings=True, first_layers=3)},
                        [1e-3, 3e-4, 3e-3, 1e-2], True),
         "lora-conv": ("LoRA r=4, convolutions + fc", {"lora": lorakit.Lora(r=4, targets="conv")},
-                      [1e-3, 3e-4, 3e-3, 1e-2], True),
+                      [3e-3, 1e-3, 3e-4, 1e-2], True),
         "full": ("every layer", FULL, [1e-3, 3e-4, 3e-3], True),
     },
 }
