@@ -69,7 +69,7 @@ RECIPES = {
         "full": ("every layer", FULL, [1e-3, 3e-4, 3e-3], True),
     },
     "resnet": {
-        "scratch": ("random init, every layer", FULL, [3e-3, 1e-3, 1e-2], False),
+        "scratch": ("random init, every layer", FULL, [1e-2, 3e-3, 1e-3], False),
         "random-fc": ("control: fc on a frozen random backbone", {"freeze": HEAD_ONLY}, [3e-3, 1e-2, 3e-2], False),
         "fc": ("new fc only", {"freeze": HEAD_ONLY}, [3e-2, 1e-2, 3e-3], True),
         "last-stage": ("stage 3 + fc", {"freeze": lorakit.Freeze(embeddings=True, first_layers=3)},
