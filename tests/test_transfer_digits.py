@@ -108,14 +108,15 @@ def one_thread():
 
 
 def test_quick_path_shows_transfer_on_both_networks(one_thread):
-    """Seed 0, 5 noisy shots per class, each recipe's first rate. Pretrained on clean upright digits, frozen
-    features beat frozen random ones, the best transfer recipe beats scratch by 10 points, and on the ResNet
-    LoRA on the convolutions is within 2 points of full fine-tuning (the full run's findings, README)."""
+    """Seed 0, 5 noisy shots per class, each recipe's first rate (the full run's choice). Pretrained on clean
+    upright digits, frozen features beat frozen random ones on both networks; the ResNet's best transfer recipe
+    beats scratch by 10 points and LoRA on its convolutions is within 2 points of full fine-tuning. The MLP's
+    best recipe beats scratch by 4.0 points in the full run (docs/transfer-digits.md): only the direction."""
     mlp = {r["recipe"]: r for r in td.experiment("mlp", seeds=[0], grid=False, shot_counts=(5,))}
     assert list(mlp) == list(td.RECIPES["mlp"])
     accuracy = {name: row["test_mean"] for name, row in mlp.items()}
-    assert accuracy["head"] > accuracy["random-head"] + 0.05, accuracy
-    assert max(accuracy[r] for r in ("head", "head-last", "lora", "full")) > accuracy["scratch"] + 0.10, accuracy
+    assert accuracy["head"] > accuracy["random-head"] + 0.10, accuracy
+    assert max(accuracy[r] for r in ("head", "head-last", "lora", "full")) > accuracy["scratch"] + 0.02, accuracy
     # margins are paired by seed: the same 5 images per class for scratch and for each recipe
     assert mlp["full"]["margin"][0] == pytest.approx(accuracy["full"] - accuracy["scratch"])
 
