@@ -1,7 +1,8 @@
 """Transfer learning on a shifted, few-shot digits task: scikit-learn's handwritten digits (8x8), offline.
+Results, and why: docs/transfer-digits.md (times on a shared, busy 2-core machine, one torch thread).
 
-    python examples/transfer_digits.py            # full run: 1/3/5 shots, 5 seeds x 3-4 learning rates (~30 min)
-    python examples/transfer_digits.py --quick    # 5 shots, 2 seeds, each recipe's first rate
+    python examples/transfer_digits.py            # full run: 1/3/5 shots, 5 seeds x 3-4 learning rates (16 min)
+    python examples/transfer_digits.py --quick    # 5 shots, 2 seeds, each recipe's first rate (35 s)
 
 Source: all ten digits, upright and clean, from one half of the data set (pretraining, with small random
 rotations, scalings and shifts). Target: the other half, shifted (`--shift`: Gaussian noise of std 0.3 on
