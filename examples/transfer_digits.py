@@ -9,19 +9,12 @@ rotations, scalings and shifts). Target: the other half, shifted (`--shift`: Gau
 the [0, 1] pixels; `mirror` and `rotate` also flip or turn every image), with 1, 3 or 5 labelled images per
 class from a pool the source never saw; a validation split (10 per class) chooses each learning rate, and a
 test split (the rest, ~600 images) is read only at the chosen rate. Each recipe is one lorakit spec on the
-pretrained model with a new head:
-
-plain torch MLP 64 -> 256 -> 128 -> 10 (`hidden` is a ModuleList, which lorakit finds as the block stack;
-`classifier` is a head of the default preset; forward returns a loss, as LoraTrainer needs):
-  head        Freeze("head-only")               only the new classifier trains
-  head-last   Freeze("first:1")                 head + last hidden layer (hidden.0 frozen)
-  lora        Lora(r=8, targets="all-linear")   LoRA on both hidden layers; the head in full
-  full        nothing to wrap                   full fine-tuning
-transformers ResNet (1 channel, embedding 16, stages 16/32/64/128 of one basic block), digits at 32x32:
-  fc          Freeze("head-only")               the classic fc swap
-  last-stage  Freeze("embeddings first:3")      stage 3 + fc
-  lora-conv   Lora(r=4, targets="conv")         LoRA on every stage convolution (the preset's group) + fc
-  full        nothing to wrap                   full fine-tuning
+pretrained model with a new head (docs/transfer-digits.md has the table):
+  MLP 64 -> 256 -> 128 -> 10 (plain torch; `hidden` is a ModuleList, lorakit's block stack; `classifier` a
+  head of the default preset): head Freeze("head-only"), head-last Freeze("first:1"), lora
+  Lora(r=8, targets="all-linear"), full (nothing to wrap).
+  transformers ResNet (1 channel, embedding 16, stages 16/32/64/128 of one basic block; digits at 32x32):
+  fc Freeze("head-only"), last-stage Freeze("embeddings first:3"), lora-conv Lora(r=4, targets="conv"), full.
 "scratch" trains the same architecture from random init on the same images (margins are paired by seed);
 "random-head" and "random-fc" are controls: the head recipe on a frozen random backbone.
 
@@ -159,19 +152,6 @@ def augment(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return nn.functional.grid_sample(images, grid, align_corners=False).reshape(x.shape)
 
 
-class Images(torch.utils.data.Dataset):
-    """Rows as the models' forward takes them: pixel_values and labels."""
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor):
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
-
-
 def collator(distort_seed: int | None):
     """Stacks rows into a batch; with a seed, distorts every batch (pretraining's augmentation)."""
     generator = None if distort_seed is None else torch.Generator().manual_seed(distort_seed)
@@ -193,7 +173,8 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, learning_rate: flo
         args = lorakit.training_args(folder, learning_rate=learning_rate, max_steps=steps, seed=seed,
                                      per_device_train_batch_size=batch_size, lr_scheduler_type="constant",
                                      save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True)
-        trainer = lorakit.LoraTrainer(model=model, args=args, train_dataset=Images(x, y),
+        rows = [{"pixel_values": image, "labels": label} for image, label in zip(x, y)]  # what forward takes
+        trainer = lorakit.LoraTrainer(model=model, args=args, train_dataset=rows,
                                       data_collator=collator(seed if distort else None))
         trainer.remove_callback(PrinterCallback)  # its end-of-run metrics line, once per run
         trainer.train()
