@@ -150,14 +150,13 @@ def render_fit(choices: list[Choice], model: str, gpu_memory: int, seq_len: int,
              "(device memory = simulated reserved + CUDA context)"]
     if any(c.method == "qlora" for c in choices):
         lines.append(f"QLoRA's model: {QUANT_PATHS[quant_path]}")
-    lines.append(f"{'method':7s} {'fits':>4s} {'levers (cheapest that fit)':42s} {'micro x accum':>13s} "
-                 f"{'device':>10s} {'extra compute':>13s}")
+    lines.append(f"{'method':7s} {'fits':>4s} {'micro x accum':>13s} {'device':>10s} {'extra compute':>13s} "
+                 f"{'on host':>9s}  levers (the cheapest that fit)")
     for c in choices:
-        levers = " + ".join(c.levers) or "none needed"
-        host = f", {c.host_bytes / gib:.1f} GiB on host" if c.host_bytes else ""
-        lines.append(f"{c.method:7s} {'yes' if c.fits else 'no':>4s} {levers + host:42s} "
-                     f"{f'{c.micro_batch} x {c.accumulation}':>13s} {c.device_bytes / gib:6.2f} GiB "
-                     f"{f'{c.extra_compute:+.0%}':>13s}")
+        host = f"{c.host_bytes / gib:.1f} GiB" if c.host_bytes else "-"
+        lines.append(f"{c.method:7s} {'yes' if c.fits else 'no':>4s} {f'{c.micro_batch} x {c.accumulation}':>13s} "
+                     f"{c.device_bytes / gib:6.2f} GiB {f'{c.extra_compute:+.0%}':>13s} {host:>9s}  "
+                     f"{' + '.join(c.levers) or 'none needed'}")
     if any(not c.fits for c in choices):
         lines.append("a method that does not fit shows its last try: every lever on, micro-batch 1")
     return "\n".join(lines) + "\n"

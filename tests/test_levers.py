@@ -123,7 +123,7 @@ def test_the_full_vocabulary_logits_never_exist():
     torch.manual_seed(0)
     model = lorakit.wrap(AutoModelForCausalLM.from_config(config), lora=lorakit.Lora(r=4, targets="all-linear"))
     model.train()
-    ids = torch.randint(0, config.vocab_size, (2, 256))
+    ids = torch.randint(0, config.vocab_size, (4, 512))  # 2048 rows: chunks of 256 on the CPU
     batch = {"input_ids": ids, "labels": ids}
     logits = ids.numel() * config.vocab_size * 4
     standard_peak, standard_largest = _step_bytes(model, batch, False)
