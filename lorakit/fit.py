@@ -71,9 +71,11 @@ def fit(model: Any, gpu_memory: int | str, *, seq_len: int = 2048, global_batch:
         dtype: str | None = None, trust_remote_code: bool = False, methods: tuple = METHODS,
         quant_path: str = "load", progress: Any = None) -> list[Choice]:
     """For full fine-tuning, LoRA and QLoRA (4-bit): the configuration that fits `gpu_memory` with the least
-    extra compute, climbing `LADDER` at micro-batch `global_batch`, then halving the micro-batch (gradient
-    accumulation makes up the global batch) with every lever on. QLoRA's model is loaded as `quant_path` says
-    (see `simulate`). `progress`, if given, is called with a short line before each simulated run."""
+    extra compute, climbing `LADDER` at micro-batch `global_batch`; then, with every lever on, smaller
+    micro-batches (divisors of the global batch, at most half the last; gradient accumulation makes up the
+    rest) until one fits, and at that micro-batch the levers it no longer needs are dropped from the top.
+    QLoRA's model is loaded as `quant_path` says (see `simulate`). `progress`, if given, is called with a short
+    line before each simulated run."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise LorakitError(f"unknown method {unknown[0]!r}", hint=f"use {', '.join(METHODS)}")
@@ -116,8 +118,8 @@ def _choose(method: str, spec: dict, limit: int, global_batch: int, progress: An
         if rung == "chunked loss" and not result.settings["chunked_loss"]:
             levers.remove(rung)  # this model's forward does not allow it (the run's warnings say why)
     micro = global_batch
-    while result.device_total > limit and micro > 1:  # smaller micro-batches, accumulated
-        micro = max(1, micro // 2)
+    while result.device_total > limit and micro > 1:  # smaller micro-batches, accumulated: half or less, a divisor
+        micro = max(d for d in range(1, micro // 2 + 1) if global_batch % d == 0)
         result = run(levers, micro)
     if micro < global_batch and result.device_total <= limit:  # at that micro-batch, maybe fewer levers do
         for count in range(len(levers) - 1, -1, -1):
@@ -126,13 +128,13 @@ def _choose(method: str, spec: dict, limit: int, global_batch: int, progress: An
                 break
             levers, result = levers[:count], fewer
     fits = result.device_total <= limit
-    return Choice(method, fits, levers, micro, -(-global_batch // micro), result.device_total, result.peak_allocated,
+    return Choice(method, fits, levers, micro, global_batch // micro, result.device_total, result.peak_allocated,
                   result.step_flops, result.step_flops / max(plain.step_flops * micro / global_batch, 1) - 1,
                   result.host_peak, _training_args(levers, micro, global_batch, result), tried)
 
 
 def _training_args(levers: list[str], micro: int, global_batch: int, result: Simulation) -> dict:
-    args: dict = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": -(-global_batch // micro)}
+    args: dict = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": global_batch // micro}
     if "checkpointing" in levers:
         args["gradient_checkpointing"] = True
     if "activation offload" in levers:

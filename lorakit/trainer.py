@@ -119,18 +119,19 @@ class LoraTrainer(Trainer):
         self._gradients_to_check, self._before_step = check_gradients, None
         super().__init__(model=model, args=args, **kwargs)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        task = model_task(base)
         if self.label_smoother is not None or self.compute_loss_func is not None:
             own_reason = "a label smoother or compute_loss_func needs the logits"
         elif sharding.kind(args) in ("fsdp", "zero3"):  # lm_head's weight is gathered only inside its forward
             own_reason = "lm_head's weight is sharded (FSDP / ZeRO-3)"
         else:
             own_reason = None
-        self._chunked_loss, why_not = use_chunked_loss(model, model_task(base), getattr(
-            args, "lorakit_chunked_loss", None), own_reason)
+        self._chunked_loss, why_not = use_chunked_loss(model, task, getattr(args, "lorakit_chunked_loss", None),
+                                                       own_reason)
         if why_not:
             logger.info("standard causal-LM loss: %s", why_not)
         self._offload = getattr(args, "lorakit_activation_offload", False)
-        if model_task(base) not in _TOKEN_AVERAGED_TASKS:
+        if task not in _TOKEN_AVERAGED_TASKS:
             # Trainer multiplies the loss by the number of processes for any model whose forward takes
             # **kwargs, expecting it to divide by num_items_in_batch; classification heads compute a plain
             # mean instead (BERT), so under DDP their gradients came out world_size times too large.
