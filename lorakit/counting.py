@@ -84,10 +84,11 @@ class LiveBytes(TorchDispatchMode):
                 and self.phase not in self._workspaces:
             self._workspaces.add(self.phase)
             self.add(CUBLAS_WORKSPACE, "workspace")
-        transient = self._cuda_transient(func, args) if self.cuda else 0
+        definition = _custom_op(func) if self.open_custom_ops else None
+        # an opened op shows its own buffers; else what CUDA's kernel keeps inside is added for its duration
+        transient = self._cuda_transient(func, args) if self.cuda and definition is None else 0
         if transient:
             key = self.add(transient, self.phase)
-        definition = _custom_op(func) if self.open_custom_ops else None
         try:
             if definition is not None:
                 with self:
