@@ -24,28 +24,25 @@ separately and labelled.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from .accounting import OPTIMIZERS
 from .allocator import CachingAllocator
-from .errors import LorakitError, SpecError
+from .errors import SpecError
 from .materialise import QUANT_PATHS, materialise, prepare_bitsandbytes, state_tensors
 from .memplot import memory_plot
 from .batches import sample_batch
 from .levers import use_chunked_loss
-from .load import auto_class, check_task, resolve_config, task_from_config, with_architectures
-from .plan import check_init, model_task
+from .plan import check_init
+from .rebuild import (architecture, build, checkpoint, config_dtype, position_warning, uniform_blocks,
+                      with_blocks, without_layerdrop, without_value_checks)
 from .specs import Freeze, Lora, Quant, torch_dtype
 from .training_step import run_steps, step_flops
 from .wrap import wrap
 
 ATTENTION = {"sdpa": "sdpa", "eager": "eager", "flash": "sdpa"}
-OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
 CUDA_CONTEXT = 619 << 20  # a bare CUDA 13 context on an H100 (benchmarks/results/memory-cuda-h100.json)
 
 
@@ -123,23 +120,23 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
     if lora is not None and lora.init != "default":  # how adapters start costs no memory in a training step
         check_init(lora, quant)
         lora = replace(lora, init="default")
-    config, cls, name, task = _architecture(model, task, trust_remote_code)
-    config, notes = _without_layerdrop(config)
-    notes += _position_warning(config, seq_len)
-    dtype = torch_dtype(dtype) if dtype else _config_dtype(config)
+    config, cls, name, task = architecture(model, task, trust_remote_code)
+    config, notes = without_layerdrop(config)
+    notes += position_warning(config, seq_len)
+    dtype = torch_dtype(dtype) if dtype else config_dtype(config)
     started = time.perf_counter()
     run = dict(cls=cls, task=task, dtype=dtype, attn=attn, lora=lora, freeze=freeze, quant=quant, preset=preset,
                batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
                optimizer=optimizer, autocast=autocast, steps=steps, trust_remote_code=trust_remote_code,
                real=real, quant_path=quant_path, chunked_loss=chunked_loss, activation_offload=activation_offload,
                count_flops=count_flops, peft_input_cast=peft_input_cast)
-    blocks = None if real or not extrapolate else _uniform_blocks(config, cls, dtype, trust_remote_code, freeze, lora)
+    blocks = None if real or not extrapolate else uniform_blocks(config, cls, dtype, trust_remote_code, freeze, lora)
     if blocks is None:
         result, ran = _simulate_once(config, **run)
     else:  # identical blocks cost the same: two short models give the slope, exactly (tests/test_simulate.py)
         from .stepping import extrapolated
 
-        (two, ran), (three, _) = (_simulate_once(_with_blocks(config, k), **run) for k in (2, 3))
+        (two, ran), (three, _) = (_simulate_once(with_blocks(config, k), **run) for k in (2, 3))
         result = extrapolated(two, three, blocks)
         notes.append(f"simulated with 2 and 3 of its {blocks} identical blocks and extrapolated: allocated bytes "
                      "exactly; reserved as the 3-block run's fragmentation over that")
@@ -176,7 +173,7 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
     fake = FakeTensorMode(allow_non_fake_inputs=True) if not real else None
     torch.manual_seed(0)
     with torch.device("meta") if not real else _maybe(None):
-        net = _build(cls, config, dtype, ATTENTION[attn], trust_remote_code)
+        net = build(cls, config, dtype, ATTENTION[attn], trust_remote_code)
         ran = getattr(net.config, "_attn_implementation", None) or ATTENTION[attn]
         if lora or freeze or quant:
             net = wrap(net, lora=lora, freeze=freeze, quant=quant, preset=preset)
@@ -195,7 +192,7 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
             for tensor in state_tensors(net):
                 counter.track(tensor)
             setup = counter.live
-            with cuda_kernels(), _without_value_checks():
+            with cuda_kernels(), without_value_checks():
                 run_steps(net, inputs, counter, optimizer, autocast, steps, chunked, activation_offload,
                           autocast is not None and not peft_input_cast)
         # a step of its own: FlopCounterMode beside LiveBytes changes what checkpointing keeps
@@ -204,38 +201,6 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
     result.settings, result.warnings, result.host_peak = {"chunked_loss": chunked}, notes, counter.host_peak
     result.step_flops = flops
     return result, ran
-
-
-def _uniform_blocks(config: Any, cls: Any, dtype: Any, trust_remote_code: bool, freeze: Any, lora: Any) -> int | None:
-    """The number of blocks when simulating 2 and 3 of them tells the rest exactly: a plain decoder or encoder
-    (one config, `num_hidden_layers` of at least 4) whose blocks are alike (one layer type, and blocks 0-2 of a
-    3-block model identical in classes and shapes), and a spec that selects no blocks by index."""
-    import torch
-
-    blocks = getattr(config, "num_hidden_layers", None)
-    if not isinstance(blocks, int) or blocks < 4 or getattr(config, "sub_configs", None):
-        return None
-    if len(set(getattr(config, "layer_types", None) or [None])) > 1:
-        return None
-    if lora is not None and lora.layers is not None or freeze is not None and (
-            freeze.first_layers or freeze.last_layers or freeze.layers):
-        return None
-    with torch.device("meta"):
-        small = _build(cls, _with_blocks(config, 3), dtype, "eager", trust_remote_code)
-    stacks = [m for m in small.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == 3]
-    if len(stacks) != 1:
-        return None
-    shapes = [[(n, type(m).__name__, tuple(p.shape)) for n, m in block.named_modules() for p in
-               m.parameters(recurse=False)] for block in stacks[0]]
-    return blocks if shapes[0] == shapes[1] == shapes[2] else None
-
-
-def _with_blocks(config: Any, count: int) -> Any:
-    import copy
-
-    config = copy.copy(config)
-    config.num_hidden_layers = count
-    return config
 
 
 def check_settings(batch_size: Any, seq_len: Any, attn: str, optimizer: str, autocast: Any, steps: int) -> None:
@@ -263,103 +228,6 @@ class _maybe:
     def __exit__(self, *exc: Any) -> None:
         if self.mode is not None:
             self.mode.__exit__(*exc)
-
-
-def _architecture(model: Any, task: str | None, trust_remote_code: bool) -> tuple[Any, Any, str, str]:
-    """(config, class to build, name, task) for a config, a name, or a model in memory."""
-    check_task(task)
-    if hasattr(model, "named_parameters"):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if not hasattr(base, "config") or not hasattr(type(base), "_from_config"):
-            raise LorakitError(f"cannot simulate a {type(base).__name__}: only transformers models rebuild "
-                               "from their config", hint="pass the model's config or its name")
-        return base.config, _Rebuild(type(base)), type(base).__name__, task or model_task(base)
-    config, source = resolve_config(model, trust_remote_code=trust_remote_code)
-    task = task or task_from_config(config)
-    return config, auto_class(task), source.id, task
-
-
-def _build(cls: Any, config: Any, dtype: Any, attn: str, trust_remote_code: bool) -> Any:
-    """The model with the attention asked for, or the model's own when it has no such implementation
-    (Gemma 2, gpt-oss and BLOOM have no sdpa; Mamba, ConvNeXt and ResNet no attention at all)."""
-    config = with_architectures(config)
-    try:
-        return cls.from_config(config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust_remote_code)
-    except ValueError as exc:
-        if "attention implementation" not in str(exc) and "attn_implementation" not in str(exc):
-            raise
-        return cls.from_config(config, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code)
-
-
-class _Rebuild:
-    """`from_config` for a model class in memory (keeps subclasses and custom modules)."""
-
-    def __init__(self, cls: Any) -> None:
-        self.cls = cls
-
-    def from_config(self, config: Any, **kwargs: Any) -> Any:
-        kwargs.pop("trust_remote_code", None)
-        return self.cls._from_config(config, **kwargs)
-
-
-def _config_dtype(config: Any) -> Any:
-    import torch
-
-    value = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(value, str):
-        value = getattr(torch, value, None)
-    return value if value in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
-
-
-def checkpoint(net: Any) -> None:
-    """Gradient checkpointing as LoraTrainer turns it on (non-reentrant), through transformers 5's
-    activation_checkpointing_enable; the cache off, as transformers itself switches it off for it."""
-    base = net.get_base_model() if hasattr(net, "get_base_model") else net
-    base.config.use_cache = False
-    enable = getattr(base, "activation_checkpointing_enable", None)
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    else:  # transformers before 5.2x
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _without_layerdrop(config: Any) -> tuple[Any, list[str]]:
-    """A copy of the config with LayerDrop off: the memory peak is a step that skips no layer (and a random
-    skip decided on a fake tensor has no value to decide by)."""
-    import copy
-
-    drops = [k for k, v in config.to_dict().items() if k.endswith("layerdrop") and v]
-    if not drops:
-        return config, []
-    config = copy.copy(config)
-    for key in drops:
-        setattr(config, key, 0.0)
-    return config, [f"{', '.join(drops)} set to 0: the peak is a step that skips no layer"]
-
-
-@contextlib.contextmanager
-def _without_value_checks() -> Iterator[None]:
-    """transformers' own switch for its input checks that read tensor values (a VLM's count of image tokens
-    against its image features): fake tensors have no values, and lorakit's sample batch passes them."""
-    before = os.environ.get("TRANSFORMERS_DISABLE_TORCH_CHECK")
-    os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("TRANSFORMERS_DISABLE_TORCH_CHECK")
-        else:
-            os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = before
-
-
-def _position_warning(config: Any, seq_len: int) -> list[str]:
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if limit and seq_len > limit:
-        text = (f"seq_len {seq_len} is beyond this model's max_position_embeddings ({limit}); "
-                "simulated anyway, but the model was not trained for it")
-        warnings.warn(text, stacklevel=3)
-        return [text]
-    return []
 
 
 def _summarise(counter: Any, setup: int, name: str, steps: int) -> Simulation:

@@ -25,6 +25,7 @@ LAYERS = [
     ["plan"],
     ["quantize", "accounting"],
     ["load", "wrap", "training_step"],
+    ["rebuild"],
     ["simulate"],
     ["report", "verify"],
     ["gguf_verify"],
