@@ -42,11 +42,14 @@ def parse_memory(text: str) -> int:
     return int(float(match.group(1)) * (_UNITS[unit] if unit else 2**30))
 
 
-# The levers, cheapest first (lorakit.levers, training_args): each rung keeps the ones before it.
-LADDER = ("none", "chunked loss", "checkpointing", "activation offload", "8-bit optimizer")
-_RUNG_SETTINGS = {"none": {"chunked_loss": False}, "chunked loss": {"chunked_loss": None},
-                  "checkpointing": {"gradient_checkpointing": True}, "activation offload": {"activation_offload": True},
-                  "8-bit optimizer": {"optimizer": "adamw-8bit"}}
+# The levers, cheapest first (lorakit.levers, training_args): each rung keeps the ones before it. Per rung:
+# what `simulate` is given, and the `training_args` keywords that turn it on.
+_RUNGS = {"none": ({"chunked_loss": False}, {"chunked_loss": False}),
+          "chunked loss": ({"chunked_loss": None}, {"chunked_loss": True}),
+          "checkpointing": ({"gradient_checkpointing": True}, {"gradient_checkpointing": True}),
+          "activation offload": ({"activation_offload": True}, {"activation_offload": True}),
+          "8-bit optimizer": ({"optimizer": "adamw-8bit"}, {"optim": "adamw_bnb_8bit"})}
+LADDER = tuple(_RUNGS)
 
 
 @dataclass
@@ -95,9 +98,9 @@ def _choose(method: str, spec: dict, limit: int, global_batch: int, progress: An
     tried: list[dict] = []
 
     def run(levers: list[str], micro: int) -> Simulation:
-        settings = dict(common, **spec, batch_size=micro, count_flops=True, **_RUNG_SETTINGS["none"])
-        for rung in levers:
-            settings.update(_RUNG_SETTINGS[rung])
+        settings = dict(common, **spec, batch_size=micro, count_flops=True)
+        for rung in ["none", *levers]:
+            settings.update(_RUNGS[rung][0])
         if progress is not None:
             progress(f"{method}: {' + '.join(levers) or 'no lever'}, micro-batch {micro}")
         result = simulate(settings.pop("model"), **settings)
@@ -130,18 +133,13 @@ def _choose(method: str, spec: dict, limit: int, global_batch: int, progress: An
     fits = result.device_total <= limit
     return Choice(method, fits, levers, micro, global_batch // micro, result.device_total, result.peak_allocated,
                   result.step_flops, result.step_flops / max(plain.step_flops * micro / global_batch, 1) - 1,
-                  result.host_peak, _training_args(levers, micro, global_batch, result), tried)
+                  result.host_peak, _training_args(levers, micro, global_batch), tried)
 
 
-def _training_args(levers: list[str], micro: int, global_batch: int, result: Simulation) -> dict:
+def _training_args(levers: list[str], micro: int, global_batch: int) -> dict:
     args: dict = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": global_batch // micro}
-    if "checkpointing" in levers:
-        args["gradient_checkpointing"] = True
-    if "activation offload" in levers:
-        args["activation_offload"] = True
-    if "8-bit optimizer" in levers:
-        args["optim"] = "adamw_bnb_8bit"
-    args["chunked_loss"] = bool(result.settings["chunked_loss"])
+    for rung in ["none", *levers]:  # a chunked-loss rung is kept only where the chunked loss ran
+        args.update(_RUNGS[rung][1])
     return args
 
 
