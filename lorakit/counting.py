@@ -153,7 +153,8 @@ class LiveBytes(TorchDispatchMode):
         self.live -= self.storages[sid].size
 
     def _host_dead(self, key: int, size: int) -> None:
-        self._refs.pop(key, None)
+        if key not in self._sids and (ref := self._refs.get(key)) is not None and ref() is None:
+            del self._refs[key]  # unless a device storage took the id since, as _dead guards too
         self.host_live -= size
 
     def _dead(self, key: int, sid: int) -> None:

@@ -15,11 +15,11 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from .adapter import TRAINED as TRAINED_FILE
 from .errors import LorakitError, SpecError
 from .serving_rules import SERVERS, VLLM_DEFAULT_RANK, VLLM_INITS, VLLM_MODULES_TO_SAVE, VLLM_RANKS
 EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "embed_in", "word_embeddings", "output")
 MERGE = "merge it instead (lorakit merge --base BASE --adapter DIR --out DIR) and serve the merged model"
-TRAINED_FILE = "lorakit_trained.safetensors"
 
 
 @dataclass(frozen=True)

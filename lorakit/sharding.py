@@ -11,6 +11,7 @@ What lorakit sets for them, and nothing else:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from typing import Any
@@ -117,12 +118,13 @@ def gather_trainable(model: Any) -> dict[str, Any]:
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         return get_model_state_dict(model, options=options)
-    if any(hasattr(p, "ds_id") for _, p in trained):
+    gathered = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for _, p in trained):  # ZeRO-3: the full tensors exist within this block
         import deepspeed
 
-        with deepspeed.zero.GatheredParameters([p for _, p in trained]):
-            return {name: param.detach().cpu().clone() for name, param in trained}
-    return {name: param.detach().cpu().clone() for name, param in trained}
+        gathered = deepspeed.zero.GatheredParameters([p for _, p in trained])
+    with gathered:
+        return {name: param.detach().cpu().clone() for name, param in trained}
 
 
 def stepped(engine: Any) -> bool:
