@@ -9,6 +9,7 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 import lorakit  # noqa: E402
+from shard_train import leave_together  # noqa: E402
 from test_trainer import token_data  # noqa: E402
 
 out, per_device = sys.argv[1], int(sys.argv[2])
@@ -37,3 +38,4 @@ if trainer.args.process_index == 0:
     save_file(weights, os.path.join(out, "trained.safetensors"))
     print("WORLD", trainer.args.world_size)
     print("LOSSES", [e["loss"] for e in trainer.state.log_history if "loss" in e])
+leave_together()

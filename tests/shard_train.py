@@ -94,6 +94,20 @@ def run(out, mode, per_device, adapter, stop_after, resume):
     return seen
 
 
+def leave_together():
+    """End a torchrun worker without its interpreter's teardown. Gloo's C++ worker threads can still hold work
+    whose tensors reference Python objects; destroying them while the interpreter finalizes aborts the process
+    ("terminate called without an active exception", SIGABRT) about one run in ten here, FSDP2 and ZeRO-3 alike,
+    even after destroy_process_group (pytorch/pytorch#179291 describes the race). Everything this script writes
+    is on disk by now, so it leaves with os._exit once the ranks are past a last barrier."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    os._exit(0)
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("out")
@@ -113,8 +127,4 @@ if __name__ == "__main__":
                       options.resume) for name in options.adapters.split(",")}
     if int(os.environ.get("RANK", "0")) == 0:
         print("SEEN", json.dumps(seen))
-    if torch.distributed.is_initialized():
-        # the issue saw a ZeRO-3 rank abort at exit ("terminate called without an active exception") one run in
-        # three; leaving together, with the process group closed, did not
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_together()
