@@ -74,14 +74,16 @@ def cmd_compare_parameters(args: argparse.Namespace) -> int:
     result = report(args.model, lora=lora, freeze=freeze, quant=quant, task=args.task, optimizer=args.optimizer,
                     by=args.depth if args.depth is not None else args.by, dtype=args.dtype, batch_size=args.batch_size,
                     seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing, attn=args.attn,
-                    trust_remote_code=args.trust_remote_code, quant_path=args.quant_path)
+                    trust_remote_code=args.trust_remote_code, quant_path=args.quant_path, gpus=args.gpus,
+                    shard=args.shard)
     sim = result.simulation
     if args.memory_plot and sim.timeline is None:  # worked out from 2 and 3 blocks: the picture needs them all
         show(f"every block of {args.model} for the memory plot")
         sim = simulate(args.model, lora=lora, freeze=freeze, quant=quant, task=args.task, dtype=result.dtype,
                        optimizer=args.optimizer, batch_size=args.batch_size, seq_len=args.seq_len,
                        gradient_checkpointing=args.gradient_checkpointing, attn=args.attn,
-                       trust_remote_code=args.trust_remote_code, quant_path=args.quant_path, extrapolate=False)
+                       trust_remote_code=args.trust_remote_code, quant_path=args.quant_path, extrapolate=False,
+                       gpus=args.gpus, shard=args.shard)
     show(None)
     text = FORMATS[args.format](result)
     if args.output:
@@ -149,15 +151,25 @@ def cmd_fit(args: argparse.Namespace) -> int:
     show = progress_line("simulating")
     choices = fit(args.model, limit, seq_len=args.seq_len, global_batch=int(text), lora=lora, attn=args.attn,
                   optimizer=args.optimizer, task=args.task, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                  methods=tuple(args.method or ("full", "lora", "qlora")), quant_path=args.quant_path, progress=show)
+                  methods=tuple(args.method or ("full", "lora", "qlora")), quant_path=args.quant_path, progress=show,
+                  gpus=args.gpus, shard=args.shard)
     show(None)
     if args.format == "json":
         print(json.dumps({"model": args.model, "gpu_memory": limit, "seq_len": args.seq_len,
-                          "global_batch": int(text), "quant_path": args.quant_path,
+                          "global_batch": int(text), "quant_path": args.quant_path, "gpus": args.gpus,
+                          "shard": args.shard,
                           "methods": choices_json(choices)}, indent=2))
     else:
-        sys.stdout.write(render_fit(choices, args.model, limit, args.seq_len, int(text), args.quant_path))
+        sys.stdout.write(render_fit(choices, args.model, limit, args.seq_len, int(text), args.quant_path,
+                                    args.gpus, args.shard))
     return 0
+
+
+def _add_gpu_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs training together; figures are per GPU, "
+                        "batch sizes per GPU (default 1)")
+    parser.add_argument("--shard", choices=["fsdp", "zero2", "zero3"], help="how the GPUs share the model: FSDP2 "
+                        "as Trainer applies it (default with --gpus: data parallel, DDP)")
 
 
 def cmd_zoo(args: argparse.Namespace) -> int:
@@ -223,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "tensors and report peak GPU memory")
     compare.add_argument("--seq-len", type=int)
     compare.add_argument("--gradient-checkpointing", action="store_true", help="simulate with it on")
+    _add_gpu_args(compare)
     compare.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash"], help="attention kernel")
     compare.add_argument("--quant-path", default="load", choices=list(QUANT_PATHS), help=QUANT_PATH_HELP)
     compare.add_argument("--format", default="table", choices=["table", "json", "csv", "markdown"])
@@ -263,8 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(fit_cmd)
     fit_cmd.add_argument("--gpu-memory", required=True, help="e.g. 24GiB, 80GB")
     fit_cmd.add_argument("--seq-len", type=int, default=2048)
+    _add_gpu_args(fit_cmd)
     fit_cmd.add_argument("--global-batch", default="1",
-                         help="sequences per optimizer step (micro-batch x gradient accumulation); default 1")
+                         help="sequences per optimizer step (micro-batch x gradient accumulation x GPUs); default 1")
     fit_cmd.add_argument("--lora-r", type=int, help="default: the family preset's")
     fit_cmd.add_argument("--lora-alpha", type=float)
     fit_cmd.add_argument("--lora-targets", help="default: the family preset's")

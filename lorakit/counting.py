@@ -65,7 +65,7 @@ class LiveBytes(TorchDispatchMode):
         self.storages: dict[int, Storage] = {}
         self.events: list[int] = []  # +key / -key, in order
         self._refs: dict[int, weakref.ref] = {}
-        self._sids: dict[int, int] = {}
+        self._sids: dict[int, list[int]] = {}
         self._next = 1
         self.live = self.peak = 0
         self.step, self.phase = 0, "setup"
@@ -73,6 +73,7 @@ class LiveBytes(TorchDispatchMode):
         self.marks: list[tuple[int, int, str]] = []  # (event index, step, phase) where a phase starts
         self._workspaces: set[str] = set()
         self.current_op = ""
+        self.role = ""  # a role for everything allocated meanwhile (FSDP's gathered weights: `per_gpu.labelled`)
 
     def set_phase(self, step: int, phase: str) -> None:
         self.step, self.phase = step, phase
@@ -120,6 +121,7 @@ class LiveBytes(TorchDispatchMode):
         return 0
 
     def track(self, tensor: torch.Tensor) -> None:
+        tensor = _local(tensor)
         try:
             storage = tensor.untyped_storage()
         except (NotImplementedError, RuntimeError):  # sparse or other storage-less tensors
@@ -135,14 +137,29 @@ class LiveBytes(TorchDispatchMode):
             self.host_peak = max(self.host_peak, self.host_live)
             self._refs[key] = weakref.ref(storage, lambda _, k=key, n=size: self._host_dead(k, n))
             return
-        sid = self.add(size, self.phase)
-        self._refs[key] = weakref.ref(storage, lambda _, k=key, s=sid: self._dead(k, s))
-        self._sids[key] = sid
+        cell = [self.add(size, self.phase)]  # the storage's current id; 0 while resized to nothing
+        self._refs[key] = weakref.ref(storage, lambda _, k=key, c=cell: self._dead(k, c))
+        self._sids[key] = cell
+
+    def resized(self, tensor: torch.Tensor) -> None:
+        """`tensor`'s storage was resized in place (FSDP2 frees and re-allocates its gathered parameters with
+        `storage.resize_`, which no op reports): count its new size from now on."""
+        storage = _local(tensor).untyped_storage()
+        key = id(storage)
+        ref, cell = self._refs.get(key), self._sids.get(key)
+        if ref is None or ref() is not storage or cell is None:
+            if storage.nbytes():
+                self.track(tensor)
+            return
+        if cell[0]:
+            self.remove(cell[0])
+        nbytes = storage.nbytes()
+        cell[0] = self.add(round_size(nbytes) if self.round_bytes else nbytes, self.phase) if nbytes else 0
 
     def add(self, size: int, phase: str) -> int:
         sid = self._next
         self._next += 1
-        self.storages[sid] = Storage(size, self.step, phase, self.modules[-1], self.current_op)
+        self.storages[sid] = Storage(size, self.step, phase, self.modules[-1], self.current_op, self.role)
         self.events.append(sid)
         self.live += size
         self.peak = max(self.peak, self.live)
@@ -157,16 +174,23 @@ class LiveBytes(TorchDispatchMode):
             del self._refs[key]  # unless a device storage took the id since, as _dead guards too
         self.host_live -= size
 
-    def _dead(self, key: int, sid: int) -> None:
-        if self._sids.get(key) == sid:
+    def _dead(self, key: int, cell: list[int]) -> None:
+        if self._sids.get(key) is cell:  # unless a new storage took the id since
             del self._refs[key], self._sids[key]
-        self.remove(sid)
+        if cell[0]:
+            self.remove(cell[0])
 
     def storage_id(self, tensor: torch.Tensor) -> int | None:
         """The id this counter gave `tensor`'s storage, or None if it never saw it."""
-        storage = tensor.untyped_storage()
-        ref = self._refs.get(id(storage))
-        return self._sids.get(id(storage)) if ref is not None and ref() is storage else None
+        storage = _local(tensor).untyped_storage()
+        ref, cell = self._refs.get(id(storage)), self._sids.get(id(storage))
+        return (cell[0] or None) if ref is not None and ref() is storage and cell is not None else None
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded parameter's own shard (FSDP2's DTensors): what this rank's device holds."""
+    local = getattr(tensor, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else tensor
 
 
 def _custom_op(func) -> Any:

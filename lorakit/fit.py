@@ -20,6 +20,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from . import per_gpu
 from .errors import LorakitError
 from .materialise import QUANT_PATHS
 from .simulate import Simulation, simulate
@@ -59,7 +60,7 @@ class Choice:
     fits: bool
     levers: list[str]              # the rungs taken (without "none")
     micro_batch: int
-    accumulation: int              # gradient_accumulation_steps (micro_batch x accumulation = global batch)
+    accumulation: int              # gradient_accumulation_steps (micro_batch x accumulation x GPUs = global batch)
     device_bytes: int              # reserved + CUDA context
     peak_allocated: int
     step_flops: int                # one micro-batch step, recomputation included
@@ -72,29 +73,40 @@ class Choice:
 def fit(model: Any, gpu_memory: int | str, *, seq_len: int = 2048, global_batch: int = 1, lora: Lora | None = None,
         quant: Quant | None = None, attn: str = "sdpa", optimizer: str = "adamw", task: str | None = None,
         dtype: str | None = None, trust_remote_code: bool = False, methods: tuple = METHODS,
-        quant_path: str = "load", progress: Any = None) -> list[Choice]:
+        quant_path: str = "load", progress: Any = None, gpus: int = 1, shard: str | None = None) -> list[Choice]:
     """For full fine-tuning, LoRA and QLoRA (4-bit): the configuration that fits `gpu_memory` with the least
     extra compute, climbing `LADDER` at micro-batch `global_batch`; then, with every lever on, smaller
     micro-batches (divisors of the global batch, at most half the last; gradient accumulation makes up the
     rest) until one fits, and at that micro-batch the levers it no longer needs are dropped from the top.
     QLoRA's model is loaded as `quant_path` says (see `simulate`). `progress`, if given, is called with a short
-    line before each simulated run."""
+    line before each simulated run. `gpus`, `shard`: what fits on each of `gpus` GPUs training together (data
+    parallel, or FSDP2 with shard="fsdp"), each taking `global_batch / gpus` of the global batch."""
+    per_gpu.check(gpus, shard)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise LorakitError(f"unknown method {unknown[0]!r}", hint=f"use {', '.join(METHODS)}")
     if not isinstance(global_batch, int) or isinstance(global_batch, bool) or global_batch < 1:
         raise LorakitError(f"global batch must be a positive whole number, got {global_batch!r}",
                            hint="e.g. --global-batch 32 (micro-batch x gradient accumulation x GPUs)")
+    if global_batch % gpus:
+        raise LorakitError(f"a global batch of {global_batch} does not split over {gpus} GPUs",
+                           hint=f"give a multiple of {gpus}: micro-batch x gradient accumulation x GPUs")
     limit = parse_memory(gpu_memory) if isinstance(gpu_memory, str) else int(gpu_memory)
     lora = lora or Lora(r=16, targets="all-linear")
     quant = quant or Quant(bits=4, compute_dtype="bfloat16")
     specs = {"full": {}, "lora": {"lora": lora}, "qlora": {"lora": lora, "quant": quant, "quant_path": quant_path}}
-    return [_choose(method, specs[method], limit, global_batch, progress,
+    if shard and methods == METHODS:  # a quantized model under FSDP2 is not simulated (see simulate)
+        methods = tuple(m for m in methods if m != "qlora")
+    sharding = {"fsdp": True} if shard == "fsdp" else {}  # training_args keywords
+    return [_choose(method, specs[method], limit, global_batch // gpus, progress,
                     dict(model=model, task=task, dtype=dtype, attn=attn, optimizer=optimizer, seq_len=seq_len,
-                         trust_remote_code=trust_remote_code)) for method in methods]
+                         trust_remote_code=trust_remote_code, gpus=gpus, shard=shard), sharding)
+            for method in methods]
 
 
-def _choose(method: str, spec: dict, limit: int, global_batch: int, progress: Any, common: dict) -> Choice:
+def _choose(method: str, spec: dict, limit: int, global_batch: int, progress: Any, common: dict,
+            sharding: dict) -> Choice:
+    """`global_batch`: this GPU's share of it."""
     tried: list[dict] = []
 
     def run(levers: list[str], micro: int) -> Simulation:
@@ -133,7 +145,7 @@ def _choose(method: str, spec: dict, limit: int, global_batch: int, progress: An
     fits = result.device_total <= limit
     return Choice(method, fits, levers, micro, global_batch // micro, result.device_total, result.peak_allocated,
                   result.step_flops, result.step_flops / max(plain.step_flops * micro / global_batch, 1) - 1,
-                  result.host_peak, _training_args(levers, micro, global_batch), tried)
+                  result.host_peak, dict(_training_args(levers, micro, global_batch), **sharding), tried)
 
 
 def _training_args(levers: list[str], micro: int, global_batch: int) -> dict:
@@ -144,9 +156,10 @@ def _training_args(levers: list[str], micro: int, global_batch: int) -> dict:
 
 
 def render_fit(choices: list[Choice], model: str, gpu_memory: int, seq_len: int, global_batch: int = 1,
-               quant_path: str = "load") -> str:
+               quant_path: str = "load", gpus: int = 1, shard: str | None = None) -> str:
     gib = 2**30
-    lines = [f"{model} on a GPU with {gpu_memory / gib:.1f} GiB, sequence {seq_len}, global batch {global_batch} "
+    where = "a GPU" if gpus == 1 and shard is None else f"each of {gpus} GPUs ({per_gpu.how(shard)})"
+    lines = [f"{model} on {where} with {gpu_memory / gib:.1f} GiB, sequence {seq_len}, global batch {global_batch} "
              "(device memory = simulated reserved + CUDA context)"]
     if any(c.method == "qlora" for c in choices):
         lines.append(f"QLoRA's model: {QUANT_PATHS[quant_path]}")

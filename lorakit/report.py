@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from . import per_gpu
 from .accounting import OPTIMIZERS, Record, optimizer_bytes, planned_records, real_records
 from .errors import SpecError
 from .load import build_from_config, resolve_config
@@ -134,7 +135,8 @@ def report(model_or_config: Any, *, lora: Lora | dict | int | None = None, freez
            quant: Quant | str | None = None, task: str | None = None, optimizer: str = "adamw",
            by: str | int = "layer", dtype: str | None = None, preset: str | None = None,
            batch_size: int | None = None, seq_len: int | None = None, gradient_checkpointing: bool = False,
-           attn: str = "sdpa", trust_remote_code: bool = False, quant_path: str = "load") -> Report:
+           attn: str = "sdpa", trust_remote_code: bool = False, quant_path: str = "load", gpus: int = 1,
+           shard: str | None = None) -> Report:
     """Per-layer trainable parameters and training memory, against full fine-tuning.
 
     `model_or_config`: a model in memory (wrapped by lorakit or not), a
@@ -144,6 +146,7 @@ def report(model_or_config: Any, *, lora: Lora | dict | int | None = None, freez
     parts of module names), or "kind" (Linear, Embedding, Norm, Conv).
     `batch_size` and `seq_len` (with `gradient_checkpointing`, `attn`, `quant_path`): also count peak training
     memory by simulating two training steps on fake tensors (`lorakit.simulate`); `Report.simulation` holds it.
+    `gpus`, `shard`: that simulation is of one GPU of several (see `simulate`); the rows stay whole-model counts.
     """
     lora, freeze, quant = Lora.coerce(lora), Freeze.coerce(freeze), Quant.coerce(quant)
     if optimizer not in OPTIMIZERS:
@@ -153,6 +156,9 @@ def report(model_or_config: Any, *, lora: Lora | dict | int | None = None, freez
         raise SpecError(f'by must be "layer", "kind" or a positive number of name parts, got {by!r}')
     if (batch_size is None) != (seq_len is None):
         raise SpecError("the memory simulation needs both batch_size and seq_len", hint="give both, or neither")
+    if batch_size is None and (gpus != 1 or shard):
+        raise SpecError("gpus and shard are settings of the simulated training step", hint="give batch_size and "
+                        "seq_len too (--batch-size, --seq-len)")
     base, plan, records, name = _records(model_or_config, lora, freeze, quant, task, dtype, preset,
                                          trust_remote_code)
     if by == "kind":
@@ -177,11 +183,12 @@ def report(model_or_config: Any, *, lora: Lora | dict | int | None = None, freez
                        preset=plan.preset, task=plan.task, dtype=None if in_memory else result.dtype,
                        optimizer=optimizer, batch_size=batch_size, seq_len=seq_len,
                        gradient_checkpointing=gradient_checkpointing, attn=attn, trust_remote_code=trust_remote_code,
-                       quant_path=quant_path)
+                       quant_path=quant_path, gpus=gpus, shard=shard)
         result.simulation = sim
         result.activation_bytes = sim.breakdown["activations"]
         result.activation_note = (f"saved at the simulated peak of {sim.peak_allocated / 2**30:.2f} GiB allocated "
-                                  f"(step {sim.peak_step}, {sim.peak_phase}; {sim.settings['attn']} attention, "
+                                  f"(step {sim.peak_step}, {sim.peak_phase}; {per_gpu.describe(gpus, shard)}; "
+                                  f"{sim.settings['attn']} attention, "
                                   f"batch {batch_size}, "
                                   f"sequence {seq_len}, gradient checkpointing "
                                   f"{'on' if gradient_checkpointing else 'off'}; "

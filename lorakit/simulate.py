@@ -29,10 +29,11 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .accounting import OPTIMIZERS
-from .allocator import CachingAllocator
+from .allocator import CachingAllocator, round_size
 from .errors import SpecError
 from .materialise import QUANT_PATHS, materialise, prepare_bitsandbytes, state_tensors
 from .memplot import memory_plot
+from . import per_gpu
 from .batches import sample_batch
 from .levers import use_chunked_loss
 from .plan import check_init
@@ -91,7 +92,7 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
              preset: str | None = None, trust_remote_code: bool = False, real: bool = False,
              quant_path: str = "load", extrapolate: bool = True, chunked_loss: bool | None = None,
              activation_offload: bool = False, count_flops: bool = False,
-             peft_input_cast: bool = False) -> Simulation:
+             peft_input_cast: bool = False, gpus: int = 1, shard: str | None = None) -> Simulation:
     """Simulate `steps` training steps of `model` (a config, a name `lorakit.load` accepts, or a transformers
     model in memory, rebuilt from its config and class) with the spec applied, on fake tensors.
 
@@ -109,14 +110,24 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
     `peft_input_cast`: LoRA inputs upcast to the adapters' float32 as plain peft does in a loop of one's own
     (LoraTrainer leaves them in the autocast dtype; see `lorakit.levers`); with chunked_loss=False, the step
     of a plain training loop.
+    `gpus`, `shard`: one rank of `gpus` (figures per GPU; `batch_size` is per GPU): data parallel (DDP) when
+    `shard` is None, FSDP2 as Trainer applies it with "fsdp" (`lorakit.per_gpu`).
     """
     check_settings(batch_size, seq_len, attn, optimizer, autocast, steps)
+    per_gpu.check(gpus, shard)
+    if real and gpus > 1:
+        raise SpecError("real=True runs one process's step: it cannot hold several GPUs' ranks",
+                        hint="compare a sharded simulation with a real torchrun run (tests/test_sharding.py)")
     if activation_offload and not gradient_checkpointing:
         raise SpecError("activation_offload needs gradient checkpointing: without it every activation would "
                         "cross to the host and back", hint="add gradient_checkpointing=True")
     if quant_path not in QUANT_PATHS:
         raise SpecError(f"unknown quant_path {quant_path!r}", hint=f"use one of {', '.join(QUANT_PATHS)}")
     lora, freeze, quant = Lora.coerce(lora), Freeze.coerce(freeze), Quant.coerce(quant)
+    if shard and quant is not None:
+        raise SpecError("a quantized model under FSDP2 is not simulated: accelerate reads bitsandbytes' quantization "
+                        "state by value as it shards, which fake tensors have not", hint="simulate LoRA or full "
+                        "fine-tuning with shard='fsdp', or a quantized model on one GPU")
     if lora is not None and lora.init != "default":  # how adapters start costs no memory in a training step
         check_init(lora, quant)
         lora = replace(lora, init="default")
@@ -129,7 +140,7 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
                batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
                optimizer=optimizer, autocast=autocast, steps=steps, trust_remote_code=trust_remote_code,
                real=real, quant_path=quant_path, chunked_loss=chunked_loss, activation_offload=activation_offload,
-               count_flops=count_flops, peft_input_cast=peft_input_cast)
+               count_flops=count_flops, peft_input_cast=peft_input_cast, gpus=gpus, shard=shard)
     blocks = None if real or not extrapolate else uniform_blocks(config, cls, dtype, trust_remote_code, freeze, lora)
     if blocks is None:
         result, ran = _simulate_once(config, **run)
@@ -151,7 +162,7 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
                            lora=asdict(lora) if lora else None, freeze=asdict(freeze) if freeze else None,
                            quant=asdict(quant) if quant else None, quant_path=quant_path if quant else None,
                            chunked_loss=result.settings["chunked_loss"], activation_offload=activation_offload,
-                           peft_input_cast=peft_input_cast,
+                           peft_input_cast=peft_input_cast, gpus=gpus, shard=shard,
                            extrapolated_from_blocks=(2, 3) if blocks else None)
     result.warnings, result.seconds = notes, time.perf_counter() - started
     return result
@@ -161,7 +172,8 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
                    preset: Any, batch_size: int, seq_len: int, gradient_checkpointing: bool, optimizer: str,
                    autocast: Any, steps: int, trust_remote_code: bool, real: bool, quant_path: str,
                    chunked_loss: bool | None, activation_offload: bool,
-                   count_flops: bool, peft_input_cast: bool) -> tuple[Simulation, str]:
+                   count_flops: bool, peft_input_cast: bool, gpus: int,
+                   shard: str | None) -> tuple[Simulation, str]:
     """One simulated run of exactly this config: (the result, the attention implementation that ran)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -179,20 +191,26 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
             net = wrap(net, lora=lora, freeze=freeze, quant=quant, preset=preset)
     if not any(p.requires_grad for p in net.parameters()):
         raise SpecError("nothing in this model is trainable", hint="give a LoRA spec or a freeze spec")
-    chunked, why_not = use_chunked_loss(net, task, chunked_loss)
+    chunked, why_not = use_chunked_loss(net, task, chunked_loss, per_gpu.SHARDED_HEAD if shard else None)
     notes = [f"standard causal-LM loss (LoraTrainer's too): {why_not}"] if why_not else []
     if gradient_checkpointing:
         checkpoint(net)
     net.train()
     prepare_bitsandbytes(net)
-    with _maybe(fake):
+    with per_gpu.fake_ranks(gpus) if shard else _maybe(None) as mesh, _maybe(fake):
+        if shard:  # accelerate shards the model as it moves it to the GPU: only the shards are ever there
+            materialise(net, loaded_dtype=dtype if quant is not None else None, quant_path=quant_path)
+            net = per_gpu.fsdp2(net, mesh, autocast)
         with counter:
-            if fake is not None:
+            if fake is not None and not shard:
                 materialise(net, loaded_dtype=dtype if quant is not None else None, quant_path=quant_path)
             for tensor in state_tensors(net):
                 counter.track(tensor)
+            if gpus > 1 and not shard:  # DDP's wrap: rank 0's model broadcast in flat buckets, then its own
+                counter.remove(counter.add(round_size(per_gpu.ddp_broadcast(net)), "setup"))
+                counter.storages[counter.add(round_size(per_gpu.ddp_buckets(net)), "setup")].role = "gradients"
             setup = counter.live
-            with cuda_kernels(), without_value_checks():
+            with cuda_kernels(), without_value_checks(), per_gpu.counted(counter) if shard else _maybe(None):
                 run_steps(net, inputs, counter, optimizer, autocast, steps, chunked, activation_offload,
                           autocast is not None and not peft_input_cast)
         # a step of its own: FlopCounterMode beside LiveBytes changes what checkpointing keeps

@@ -18,7 +18,7 @@ LAYERS = [
     ["serving_rules"],
     ["files", "specs", "levers"],
     ["names", "zoo", "allocator", "materialise", "stepping", "gguf_source", "batches", "memplot"],
-    ["sharding"],
+    ["sharding", "per_gpu"],
     ["state", "counting", "gguf_families", "llama_cpp"],
     ["gguf_vocab"],
     ["targeting"],

@@ -136,3 +136,86 @@ def test_sharded_4bit_storage_is_the_compute_dtype_and_a_conflict_is_refused(tmp
     assert "quant_storage='float32'" in error.value.hint
     with pytest.raises(lorakit.LorakitError, match="FSDP version 1"):
         sharding.kind(fsdp_args(tmp_path, version=1))
+
+
+# ---- per-GPU memory: the simulator against a real two-process run ------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["fsdp", "ddp"])
+def test_simulated_per_gpu_memory_matches_a_real_two_process_run(mode):
+    """Each rank of a real LoraTrainer run (torchrun, gloo) counts its own live bytes; the simulator replays one
+    rank of the same run on fake tensors under a fake process group. Both count with LiveBytes' CUDA rules
+    (rounding, cuBLAS workspaces), so what is compared is the sharding: FSDP2's shards, gathered units and
+    reduce-scatter buffers; DDP's broadcast and gradient buckets."""
+    from shard_memory import PER_DEVICE, SEQ, config
+
+    from lorakit.simulate import simulate
+
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    done = subprocess.run([torchrun, "--nproc_per_node=2", "--master_port=29537", str(HERE / "shard_memory.py"),
+                           mode], env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    ranks = [json.loads(line[5:]) for line in done.stdout.splitlines() if line.startswith("PEAK ")]
+    assert len(ranks) == 2 and all(r["sharded"] == ("FSDPPeftModelForCausalLM" if mode == "fsdp"
+                                                    else "DistributedDataParallel") for r in ranks)
+    settings = dict(task="causal-lm", lora=lorakit.Lora(r=8, dropout=0.0), dtype="float32", autocast=None,
+                    batch_size=PER_DEVICE, seq_len=SEQ, chunked_loss=False)
+    rank = simulate(config(), gpus=2, shard="fsdp" if mode == "fsdp" else None, **settings)
+    for real in ranks:
+        assert abs(rank.peak_allocated - real["peak"]) <= 0.05 * real["peak"], (rank.peak_allocated, real)
+        assert abs(rank.setup_allocated - real["setup"]) <= 0.05 * real["setup"], (rank.setup_allocated, real)
+    if mode == "fsdp":  # one GPU's figure would not pass for a rank's: the weights are halved
+        whole = simulate(config(), **settings)
+        assert whole.setup_allocated > 1.9 * rank.setup_allocated
+        assert whole.peak_allocated > 1.05 * max(r["peak"] for r in ranks)
+
+
+def tiny_llama():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=512)
+
+
+def test_a_sharded_simulation_extrapolated_from_two_and_three_blocks_equals_the_full_one():
+    from lorakit.simulate import simulate
+
+    for checkpointing in (False, True):
+        settings = dict(task="causal-lm", lora=4, batch_size=2, seq_len=32, gpus=4, shard="fsdp",
+                        gradient_checkpointing=checkpointing)
+        short, full = simulate(tiny_llama(), **settings), simulate(tiny_llama(), extrapolate=False, **settings)
+        assert short.settings["extrapolated_from_blocks"] == (2, 3)
+        assert (short.peak_allocated, short.setup_allocated) == (full.peak_allocated, full.setup_allocated)
+
+
+def test_per_gpu_settings_that_cannot_be_simulated_are_refused_with_the_fix(capsys):
+    from lorakit.cli import main
+    from lorakit.errors import SpecError
+    from lorakit.simulate import simulate
+
+    for bad, words in (({"gpus": 0}, "1 or more"), ({"gpus": 2.5}, "whole number"),
+                       ({"gpus": 2, "shard": "zero3"}, "not simulated"), ({"shard": "fsdp2"}, "unknown shard"),
+                       ({"gpus": 2, "shard": "fsdp", "quant": "4bit"}, "quantized model under FSDP2")):
+        with pytest.raises(SpecError, match=words):
+            simulate(tiny_llama(), lora=4, batch_size=1, seq_len=8, **bad)
+    from lorakit.fit import fit
+
+    with pytest.raises(lorakit.LorakitError, match="does not split over 3 GPUs"):
+        fit(tiny_llama(), "1GiB", global_batch=4, gpus=3)
+    for argv in (["fit", "gpt2", "--gpu-memory", "24GiB", "--gpus", "0"],
+                 ["compare-parameters", "gpt2", "--gpus", "2"],
+                 ["compare-parameters", "gpt2", "--batch-size", "1", "--seq-len", "8", "--shard", "zero2"]):
+        status = main(argv)
+        err = capsys.readouterr().err
+        assert status == 2 and err.startswith("error: ") and "\nhint: " in err and "Traceback" not in err, err
+
+
+def test_fit_on_several_gpus_splits_the_global_batch_and_names_fsdp_in_its_arguments():
+    from lorakit.fit import fit
+
+    one, = fit(tiny_llama(), "1GiB", seq_len=64, global_batch=8, methods=("lora",))
+    sharded, = fit(tiny_llama(), "1GiB", seq_len=64, global_batch=8, methods=("lora",), gpus=4,
+                           shard="fsdp")
+    assert (one.micro_batch, one.accumulation) == (8, 1) and one.training_args.get("fsdp") is None
+    assert sharded.micro_batch * sharded.accumulation * 4 == 8 and sharded.training_args["fsdp"] is True
+    assert sharded.peak_allocated < one.peak_allocated
