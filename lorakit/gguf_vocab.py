@@ -47,7 +47,7 @@ def _load(folder: Path) -> Any:
     sentencepiece and protobuf packages for it."""
     from importlib.util import find_spec
 
-    if not (folder / "tokenizer.json").is_file() and (find_spec("sentencepiece") is None
+    if not (folder / "tokenizer.json").is_file() and (find_spec("sentencepiece") is None or find_spec("google") is None
                                                       or find_spec("google.protobuf") is None):
         raise LorakitError(f"{folder} has a SentencePiece tokenizer.model and no tokenizer.json; transformers "
                            "reads it with the sentencepiece and protobuf packages, which are not installed",
