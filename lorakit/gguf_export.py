@@ -157,7 +157,7 @@ def export_gguf(folder: Path, path: Path, gguf_type: str, *, name: str = "merged
         writer.close()
         figures = verify_gguf(folder, Path(tmp), config, gguf_type, plan, extra) if verify else None
     return {"path": str(path), "type": gguf_type, "bytes": path.stat().st_size, "tensors": len(plan),
-            "tokenizer": "in the metadata" if has_tokenizer else "none (the base had no tokenizer.json)",
+            "tokenizer": "in the metadata" if has_tokenizer else "none (the base had no tokenizer.json or tokenizer.model)",
             "verification": figures}
 
 

@@ -232,7 +232,7 @@ def test_families_llama_cpp_would_run_differently_are_refused(tmp_path):
 
 def _tiny_tokenizer(folder: Path, byte_fallback: bool) -> None:
     """A BPE tokenizer trained here on a few words: byte-level (a pre-tokenizer llama.cpp's table cannot know)
-    or SentencePiece-style (byte_fallback, as Llama 2's and Mistral v0.1's tokenizer.json)."""
+    or byte-level with byte fallback (neither kind llama.cpp has: its spaces are not SentencePiece's \u2581)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -245,7 +245,7 @@ def _tiny_tokenizer(folder: Path, byte_fallback: bool) -> None:
 
 
 @pytest.mark.parametrize("byte_fallback,message", [(False, "llama.cpp does not know the pre-tokenizer"),
-                                                   (True, "SentencePiece-style BPE")])
+                                                   (True, "BPE with byte fallback but not SentencePiece")])
 def test_tokenizers_llama_cpp_cannot_name_are_refused_before_merging(byte_fallback, message, tmp_path):
     adapter = tiny_llama(tmp_path, sharp=False)
     _tiny_tokenizer(tmp_path / "base", byte_fallback)
