@@ -176,7 +176,8 @@ def modelfile(folder: Path, gguf_name: str) -> tuple[str, dict]:
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         found = recognise(tokenizer, adds_bos)
     if found is None:
-        return "\n".join(lines) + "\n", {"template": None, "note": "no chat template: Ollama passes prompts as they are"}
+        return "\n".join(lines) + "\n", {"template": None,
+                                         "note": "no chat template: Ollama passes prompts as they are"}
     for part in (*found.wrap, found.system or ""):
         if "{{" in part:
             raise LorakitError("the chat template's system text holds '{{', which Go templates read as an action",
