@@ -122,7 +122,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     show(f"{', '.join(args.adapter)} into {args.base or 'the base in the manifest'}")
     done = merge(args.base, args.adapter, args.out, weights=weights, method=args.method, dtype=args.dtype,
                  verify=not args.no_verify, force=args.force, into=args.into, gguf=args.gguf,
-                 gguf_type=args.gguf_type)
+                 gguf_type=args.gguf_type, ollama=args.ollama)
     show(None)
     check = done["verification"]
     print(f"wrote {args.out} ({done['path']}, {done['merged_layers']} layers, {done['wall_seconds']:.1f} s)")
@@ -137,6 +137,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
         print(f"wrote {gguf['path']} ({gguf['type']}, {gguf['bytes'] / 2**20:.1f} MiB, tokenizer {gguf['tokenizer']})")
         if gguf["verification"]:
             print(f"verified: {gguf['verification']['summary']}")
+        if gguf["modelfile"]:
+            made = gguf["modelfile"]
+            what = [f"{made['template']} chat template" if made["template"] else None, made.get("note")]
+            print(f"wrote {made['path']} ({'; '.join(filter(None, what))}; ollama create NAME -f {made['path']})")
     return 0
 
 
@@ -265,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge_cmd.add_argument("--no-verify", action="store_true", help="skip the logits check against base + adapter")
     merge_cmd.add_argument("--gguf", help="also write the merged model to this GGUF file (llama.cpp, Ollama)")
     merge_cmd.add_argument("--gguf-type", default="f16", choices=list(GGUF_TYPES), help="GGUF weight type")
-    merge_cmd.add_argument("--force", action="store_true", help="replace an existing --out (and --gguf)")
+    merge_cmd.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the --gguf "
+                           "file: FROM it, the chat template (ChatML, Llama 3, Gemma or Phi-3), stop words")
+    merge_cmd.add_argument("--force", action="store_true", help="replace an existing --out (and --gguf, Modelfile)")
     merge_cmd.set_defaults(func=cmd_merge)
 
     fit_cmd = sub.add_parser("fit", help="for full fine-tuning, LoRA and QLoRA: the cheapest configuration that fits",

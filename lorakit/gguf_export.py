@@ -6,6 +6,7 @@ What differs per family (architecture, tensor changes, metadata) is in gguf_fami
 gguf_vocab. Tensors are read one at a time from the merged safetensors and written as they come: the writer
 holds the header, not the model. The file is checked before it gets its name: by llama.cpp itself when
 lorakit has built it on this machine (llama_cpp.build_probe), else by loading it back with transformers.
+With `ollama`, an Ollama Modelfile (modelfile.py: FROM the file, the chat template, stop words) is written beside it.
 """
 
 from __future__ import annotations
@@ -16,23 +17,27 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LorakitError, SpecError
-from .files import atomic_path, refuse_existing
+from .files import atomic_path, refuse_existing, write_text_atomic
 from .gguf_families import FAMILIES, adjusted, check_family, extra_tensors
 from .gguf_families import add_metadata as add_family_metadata
 from .gguf_vocab import add_tokenizer, check_tokenizer, has_tokenizer
 from .gguf_verify import verify_gguf
+from .modelfile import MODELFILE, modelfile
 
 GGUF_TYPES = ("f16", "q8_0", "f32")  # f32: exact weights, for checking a model in llama.cpp
 ARCHITECTURES = tuple(sorted(FAMILIES))  # transformers model types the export writes
 
 
-def check_gguf(config: Any, tokenizer_dir: Path | None, gguf_type: str) -> None:
-    """Everything that would make the export fail, raised before any weight is merged or written."""
+def check_gguf(config: Any, tokenizer_dir: Path | None, gguf_type: str, ollama: bool = False) -> None:
+    """Everything that would make the export fail, raised before any weight is merged or written (with `ollama`,
+    a chat template the Modelfile cannot carry too)."""
     if gguf_type not in GGUF_TYPES:
         raise SpecError(f"unknown GGUF type {gguf_type!r}", hint=f"GGUF types are: {', '.join(GGUF_TYPES)}")
     check_family(config)
     if has_tokenizer(tokenizer_dir):
         check_tokenizer(tokenizer_dir)
+        if ollama:
+            modelfile(tokenizer_dir, "model.gguf")
 
 
 def _shards(folder: Path) -> list[Path]:
@@ -123,9 +128,11 @@ def _add_general(writer: Any, gguf_type: str, name: str, plan: list) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def export_gguf(folder: Path, path: Path, gguf_type: str, *, name: str = "merged", verify: bool = True) -> dict:
+def export_gguf(folder: Path, path: Path, gguf_type: str, *, name: str = "merged", verify: bool = True,
+                ollama: bool = False) -> dict:
     """Write `folder` (a merged checkpoint) to the GGUF file `path`, via a temp name beside it, renamed only
-    after llama.cpp (or, without a llama.cpp build, transformers) runs it with logits close to the merged model's."""
+    after llama.cpp (or, without a llama.cpp build, transformers) runs it with logits close to the merged model's;
+    with `ollama`, then the Modelfile beside it (its chat template recognised before the GGUF file is written)."""
     import gguf
     from safetensors import safe_open
     from transformers import AutoConfig
@@ -135,6 +142,7 @@ def export_gguf(folder: Path, path: Path, gguf_type: str, *, name: str = "merged
     found = FAMILIES[config.model_type]
     plan = _tensor_plan(folder, config, gguf_type)
     extra = extra_tensors(config)
+    ollama_file = modelfile(folder, path.name) if ollama else None
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, found.arch)])
         _add_general(writer, gguf_type, name, plan)
@@ -156,17 +164,27 @@ def export_gguf(folder: Path, path: Path, gguf_type: str, *, name: str = "merged
             writer.write_tensor_data(_encoded(array, ggml_type))
         writer.close()
         figures = verify_gguf(folder, Path(tmp), config, gguf_type, plan, extra) if verify else None
+    if ollama_file is not None:
+        write_text_atomic(path.parent / MODELFILE, ollama_file[0])
     return {"path": str(path), "type": gguf_type, "bytes": path.stat().st_size, "tensors": len(plan),
             "tokenizer": "in the metadata" if has_tokenizer else "none (the base had no tokenizer.json or tokenizer.model)",
-            "verification": figures}
+            "verification": figures,
+            "modelfile": None if ollama_file is None else {"path": str(path.parent / MODELFILE), **ollama_file[1]}}
 
 
-def prepare_gguf(path: str | os.PathLike, gguf_type: str, force: bool) -> Path:
-    """The GGUF output path, checked like every output: refused if it exists (unless `force`)."""
+def prepare_gguf(path: str | os.PathLike | None, gguf_type: str, force: bool, ollama: bool = False) -> Path | None:
+    """The GGUF output path (None: no GGUF asked for), checked like every output: refused if it exists, or with
+    `ollama` if the Modelfile beside it does (unless `force`)."""
+    if path is None:
+        if ollama:
+            raise SpecError("an Ollama Modelfile goes beside a GGUF file", hint="add --gguf FILE.gguf")
+        return None
     if gguf_type not in GGUF_TYPES:
         raise SpecError(f"unknown GGUF type {gguf_type!r}", hint=f"GGUF types are: {', '.join(GGUF_TYPES)}")
     path = Path(path)
     if path.suffix != ".gguf":
         raise SpecError(f"{path} does not end in .gguf", hint="name the GGUF output like out.gguf")
     refuse_existing(path, force)
+    if ollama:
+        refuse_existing(path.parent / MODELFILE, force)
     return path

@@ -81,13 +81,14 @@ def _read_adapter(folder: Path) -> dict:
 def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list[float] | None = None,
           method: str = "linear", dtype: str | None = None, verify: bool = True, force: bool = False,
           into: str = "original", stream: bool | None = None, gguf: str | os.PathLike | None = None,
-          gguf_type: str = "f16") -> dict:
+          gguf_type: str = "f16", ollama: bool = False) -> dict:
     """Merge one or several adapters into `base` and write a plain transformers checkpoint to `out_dir`.
 
     `base`: anything `lorakit.load` takes, or None to use the adapter manifest's base. Returns the
     merge report (also written to `out_dir/merge_report.json`). With `gguf`, the merged model is also
     written to that GGUF file (`gguf_type` f16, q8_0 or f32; the families in gguf_families.FAMILIES) and
-    checked before it gets its name (in llama.cpp when built here: see gguf_verify).
+    checked before it gets its name (in llama.cpp when built here: see gguf_verify); with `ollama`, an Ollama
+    Modelfile beside it (modelfile.py).
     """
     started = time.perf_counter()
     folders = [Path(a) for a in ([adapters] if isinstance(adapters, (str, os.PathLike)) else adapters)]
@@ -104,7 +105,7 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
     out = Path(out_dir)
     staging, old = _leftovers(out)  # first: it may bring back an output a killed merge had set aside
     refuse_existing(out, force, folder=True)
-    gguf_path = prepare_gguf(gguf, gguf_type, force) if gguf is not None else None
+    gguf_path = prepare_gguf(gguf, gguf_type, force, ollama)
     loaded = [_read_adapter(f) for f in folders]
     for adapter in loaded:
         check_mergeable(adapter["folder"], adapter["config"], adapter["plan"], into)
@@ -118,7 +119,7 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
         _check_model_type(loaded[0], base_config)
         base_dir = None if in_memory_base else _local_base_dir(source)
         if gguf_path is not None:  # refused now, before any weight is merged or written
-            check_gguf(base_config, base_dir, gguf_type)
+            check_gguf(base_config, base_dir, gguf_type, ollama)
         # Downstream, a base on disk is read from its folder: resolved once, here.
         base = base if in_memory_base or base_dir is None else base_dir
         # An adapter of expert tensors is streamed with the layout its Plan recorded (a plain peft one has none)
@@ -147,7 +148,7 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
         _copy_side_files(base_dir, loaded[0]["folder"], staging)
         figures = verify_merged(base, loaded, staging, task_config, weights, method, dtype or stats["dtype"],
                                 into) if verify else None
-        exported = (export_gguf(staging, gguf_path, gguf_type, name=out.name, verify=verify)
+        exported = (export_gguf(staging, gguf_path, gguf_type, name=out.name, verify=verify, ollama=ollama)
                     if gguf_path is not None else None)
         report = {
             "base": str(base), "adapters": [{"path": str(a["folder"]), "sha256": a["sha256"]} for a in loaded],

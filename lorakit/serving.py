@@ -7,18 +7,26 @@ whatever else an adapter carries (heads trained in full, biases, DoRA magnitudes
 trained-in-full file, fused-expert `target_parameters`) is refused or silently dropped. SGLang reads the
 same adapter_config.json (`sglang/srt/lora/lora_config.py`) and sizes its pool from the adapters' ranks,
 so it has no fixed rank set. The merge path (`lorakit merge`, which folds everything in) has none of these limits.
+
+`note_unservable` is the one line LoraTrainer.save_model logs for a final adapter that breaks a rule: of the server
+its Lora named (serve_for), else of vLLM, the usual unmerged server; nothing when it can be served as it is, and
+nothing for checkpoints. A merge gets no such line: serving the merged model as a plain model is itself the fix
+every rule names, and the merged folder has no adapter rules left.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from .adapter import MANIFEST, saved_plan
 from .adapter import TRAINED as TRAINED_FILE
 from .errors import LorakitError, SpecError
 from .serving_rules import SERVERS, VLLM_DEFAULT_RANK, VLLM_INITS, VLLM_MODULES_TO_SAVE, VLLM_RANKS
 EMBEDDINGS = ("embed_tokens", "lm_head", "wte", "embed_in", "word_embeddings", "output")
+logger = logging.getLogger("lorakit")
 MERGE = "merge it instead (lorakit merge --base BASE --adapter DIR --out DIR) and serve the merged model"
 
 
@@ -127,3 +135,22 @@ def _embedding_breaches(config: dict, tensors: dict, folder: Path, server: str) 
         found.append(Breach("vocabulary", f"the adapter's vocabulary ({', '.join(map(str, sorted(rows)))} tokens) "
                             f"differs from the base's ({vocab}): {server} serves the base vocabulary only", MERGE))
     return found
+
+
+def note_unservable(adapter: str | Path) -> str | None:
+    """Log (lorakit's logger, level WARNING) and return one line when the saved adapter breaks a serving rule:
+    the rules of its Lora's serve_for, else vLLM's. None, and silence, when it breaks none or is no adapter
+    (freeze-only training saves no adapter_config.json)."""
+    folder = Path(adapter)
+    if not (folder / "adapter_config.json").is_file():
+        return None
+    manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else None
+    server = (saved_plan(manifest).get("lora") or {}).get("serve_for") or "vllm"
+    breaches = serving_breaches(folder, server)
+    if not breaches:
+        return None
+    rules = ", ".join(dict.fromkeys(b.rule for b in breaches))
+    text = (f"{folder} cannot be served unmerged by {server} as saved ({rules}): `lorakit check {folder} "
+            f"--serve {server}` gives each fix; a merged model (lorakit merge) has no such limits")
+    logger.warning(text)
+    return text

@@ -36,6 +36,7 @@ from .levers import chunked_loss, offloaded_activations, uncast_lora_inputs, use
 from .plan import model_task
 from .render import summary
 from .report import report
+from .serving import note_unservable
 from . import sharding
 from .state import state_of
 from .wrap import wrap
@@ -256,12 +257,16 @@ class LoraTrainer(Trainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Trainer's save; a sharded model's trained tensors are gathered in full first (every rank takes part)
-        and rank 0 writes the adapter from them."""
+        and rank 0 writes the adapter from them. A final save (not a checkpoint's) logs one line when the adapter
+        cannot be served unmerged as it is (serving.note_unservable)."""
         if sharding.kind(self.args) is None:
-            return super().save_model(output_dir, _internal_call)
-        tensors = sharding.gather_trainable(self.model)
-        if self.args.should_save:
-            self._save(output_dir, state_dict=tensors)
+            super().save_model(output_dir, _internal_call)
+        else:
+            tensors = sharding.gather_trainable(self.model)
+            if self.args.should_save:
+                self._save(output_dir, state_dict=tensors)
+        if self.args.should_save and not _internal_call:
+            note_unservable(output_dir or self.args.output_dir)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if self.is_fsdp_enabled:  # Trainer would also save the whole model, base included

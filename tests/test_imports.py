@@ -20,7 +20,7 @@ LAYERS = [
     ["names", "zoo", "allocator", "materialise", "stepping", "gguf_source", "batches", "memplot"],
     ["sharding", "per_gpu"],
     ["state", "counting", "gguf_families", "llama_cpp"],
-    ["gguf_vocab"],
+    ["gguf_vocab", "modelfile"],
     ["targeting"],
     ["plan"],
     ["quantize", "accounting"],

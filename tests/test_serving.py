@@ -5,6 +5,7 @@ allowed set and default), written out here by hand."""
 from __future__ import annotations
 
 import pytest
+import torch
 from conftest import build, build_family, look_trained
 
 import lorakit
@@ -108,3 +109,40 @@ def test_serve_for_refuses_at_the_spec_what_the_adapter_check_would_find(base, t
         lorakit.Lora(serve_for="tgi")
     folder = _adapter(base, tmp_path / "ok", r=8, targets="attention", serve_for="vllm")
     assert serving_breaches(folder, "vllm") == []
+
+
+def _final_save(base, tmp_path, lora, caplog, steps=0):
+    """LoraTrainer on the tiny Llama (with `steps` steps, each saving a checkpoint), then save_model: the lorakit
+    warnings logged by the checkpoints and by the final save."""
+    import datasets
+
+    ids = torch.randint(3, 100, (4, 8), generator=torch.Generator().manual_seed(0)).tolist()
+    args = lorakit.training_args(str(tmp_path / "run"), max_steps=max(steps, 1), per_device_train_batch_size=4,
+                                 save_strategy="steps" if steps else "no", save_steps=1, use_cpu=True,
+                                 disable_tqdm=True, report_to=[])
+    trainer = lorakit.LoraTrainer(model=lorakit.load(base), args=args, lora=lorakit.Lora(**lora),
+                                  train_dataset=datasets.Dataset.from_dict({"input_ids": ids, "labels": ids}))
+    caplog.clear()
+    if steps:
+        trainer.train()
+    during = [r.getMessage() for r in caplog.records if r.name == "lorakit" and r.levelname == "WARNING"]
+    caplog.clear()
+    trainer.save_model(str(tmp_path / "final"))
+    return during, [r.getMessage() for r in caplog.records if r.name == "lorakit" and r.levelname == "WARNING"]
+
+
+def test_a_final_save_says_in_one_line_when_the_adapter_cannot_be_served(base, tmp_path, caplog):
+    caplog.set_level("WARNING", logger="lorakit")
+    assert _final_save(base, tmp_path / "plain", dict(r=8, targets="attention"), caplog) == ([], [])
+    # a head trained in full: vLLM would not load it; checkpoints say nothing, the final save one line
+    during, final = _final_save(base, tmp_path / "head", dict(r=8, targets="attention", train_fully=["lm_head"]),
+                                caplog, steps=1)
+    assert (tmp_path / "head" / "run" / "checkpoint-1").is_dir() and during == []
+    folder = tmp_path / "head" / "final"
+    assert len(final) == 1 and "\n" not in final[0], final
+    assert f"{folder} cannot be served unmerged by vllm as saved (modules_to_save)" in final[0]
+    assert f"lorakit check {folder} --serve vllm" in final[0]
+    # rank 24 is above vLLM's default max_lora_rank; SGLang, when the Lora was planned for it, has no such limit
+    assert "(r)" in _final_save(base, tmp_path / "r24", dict(r=24, targets="attention"), caplog)[1][0]
+    assert _final_save(base, tmp_path / "r24-sglang", dict(r=24, targets="attention", serve_for="sglang"),
+                       caplog) == ([], [])
