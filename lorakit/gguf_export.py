@@ -167,7 +167,8 @@ def export_gguf(folder: Path, path: Path, gguf_type: str, *, name: str = "merged
     if ollama_file is not None:
         write_text_atomic(path.parent / MODELFILE, ollama_file[0])
     return {"path": str(path), "type": gguf_type, "bytes": path.stat().st_size, "tensors": len(plan),
-            "tokenizer": "in the metadata" if has_tokenizer else "none (the base had no tokenizer.json or tokenizer.model)",
+            "tokenizer": "in the metadata" if has_tokenizer
+            else "none (the base had no tokenizer.json or tokenizer.model)",
             "verification": figures,
             "modelfile": None if ollama_file is None else {"path": str(path.parent / MODELFILE), **ollama_file[1]}}
 
