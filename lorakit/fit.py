@@ -95,8 +95,6 @@ def fit(model: Any, gpu_memory: int | str, *, seq_len: int = 2048, global_batch:
     lora = lora or Lora(r=16, targets="all-linear")
     quant = quant or Quant(bits=4, compute_dtype="bfloat16")
     specs = {"full": {}, "lora": {"lora": lora}, "qlora": {"lora": lora, "quant": quant, "quant_path": quant_path}}
-    if shard and methods == METHODS:  # a quantized model under FSDP2 is not simulated (see simulate)
-        methods = tuple(m for m in methods if m != "qlora")
     sharding = {"fsdp": True} if shard == "fsdp" else {}  # training_args keywords
     return [_choose(method, specs[method], limit, global_batch // gpus, progress,
                     dict(model=model, task=task, dtype=dtype, attn=attn, optimizer=optimizer, seq_len=seq_len,

@@ -85,8 +85,33 @@ def fsdp2(net: Any, mesh: Any, autocast: str | None) -> Any:
         state=types.SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=mesh, mixed_precision=mixed,
         parallelism_config=types.SimpleNamespace(fsdp_dim_names=list(mesh.mesh_dim_names)),
         is_main_process=True, device=mesh.device_type)
-    with _quiet():
+    with _quiet(), _state_dict_without_quant_state():
         return fsdp2_prepare_model(accelerator, net)
+
+
+@contextlib.contextmanager
+def _state_dict_without_quant_state() -> Iterator[None]:
+    """fsdp2_prepare_model takes the model's state_dict (it reloads it only with cpu_ram_efficient_loading, off
+    here), and a bitsandbytes 4-bit layer puts its quantization state in it by value (`.item()`), which a fake
+    tensor has not: for that call, the layer's state_dict is the plain module's."""
+    import sys
+
+    import torch
+
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        yield
+        return
+    layer = bnb.nn.Linear4bit
+    own = layer.__dict__.get("_save_to_state_dict")
+    layer._save_to_state_dict = torch.nn.Module._save_to_state_dict
+    try:
+        yield
+    finally:
+        if own is None:
+            del layer._save_to_state_dict
+        else:
+            layer._save_to_state_dict = own
 
 
 @contextlib.contextmanager
@@ -156,6 +181,25 @@ def ddp_broadcast(net: Any) -> int:
         largest = max(largest, size)
         filling[tensor.dtype] = 0 if size >= DDP_BROADCAST_BUCKET else size
     return largest
+
+
+@contextlib.contextmanager
+def fake_4bit_gathered() -> Iterator[None]:
+    """A 4-bit weight FSDP2 has gathered is a plain parameter: bitsandbytes gives it back its layer's quant
+    state by making it a `Params4bit`, which a fake tensor cannot become; here it gets the state as an attribute,
+    which is all the layer's forward reads."""
+    from bitsandbytes.nn import modules
+
+    def give_state(module: Any) -> None:
+        if getattr(module.weight, "quant_state", None) is None:
+            module.weight.quant_state = module.quant_state
+
+    own = modules.fix_4bit_weight_quant_state_from_module
+    modules.fix_4bit_weight_quant_state_from_module = give_state
+    try:
+        yield
+    finally:
+        modules.fix_4bit_weight_quant_state_from_module = own
 
 
 def ddp_buckets(net: Any) -> int:

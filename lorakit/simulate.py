@@ -25,6 +25,7 @@ separately and labelled.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -37,6 +38,7 @@ from . import per_gpu
 from .batches import sample_batch
 from .levers import use_chunked_loss
 from .plan import check_init
+from .sharding import quant_for
 from .rebuild import (architecture, build, checkpoint, config_dtype, position_warning, uniform_blocks,
                       with_blocks, without_layerdrop, without_value_checks)
 from .specs import Freeze, Lora, Quant, torch_dtype
@@ -124,10 +126,6 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
     if quant_path not in QUANT_PATHS:
         raise SpecError(f"unknown quant_path {quant_path!r}", hint=f"use one of {', '.join(QUANT_PATHS)}")
     lora, freeze, quant = Lora.coerce(lora), Freeze.coerce(freeze), Quant.coerce(quant)
-    if shard and quant is not None:
-        raise SpecError("a quantized model under FSDP2 is not simulated: accelerate reads bitsandbytes' quantization "
-                        "state by value as it shards, which fake tensors have not", hint="simulate LoRA or full "
-                        "fine-tuning with shard='fsdp', or a quantized model on one GPU")
     if lora is not None and lora.init != "default":  # how adapters start costs no memory in a training step
         check_init(lora, quant)
         lora = replace(lora, init="default")
@@ -187,6 +185,8 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
     with torch.device("meta") if not real else _maybe(None):
         net = build(cls, config, dtype, ATTENTION[attn], trust_remote_code)
         ran = getattr(net.config, "_attn_implementation", None) or ATTENTION[attn]
+        if shard:  # 4-bit weights stored in the compute dtype, as LoraTrainer sets it for sharded training
+            quant = quant_for(quant, SimpleNamespace(fsdp=True, fsdp_config=None), net)
         if lora or freeze or quant:
             net = wrap(net, lora=lora, freeze=freeze, quant=quant, preset=preset)
     if not any(p.requires_grad for p in net.parameters()):
@@ -210,7 +210,8 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
                 counter.remove(counter.add(round_size(per_gpu.ddp_broadcast(net)), "setup"))
                 counter.storages[counter.add(round_size(per_gpu.ddp_buckets(net)), "setup")].role = "gradients"
             setup = counter.live
-            with cuda_kernels(), without_value_checks(), per_gpu.counted(counter) if shard else _maybe(None):
+            with cuda_kernels(), without_value_checks(), per_gpu.counted(counter) if shard else _maybe(None), \
+                    per_gpu.fake_4bit_gathered() if shard and quant else _maybe(None):
                 run_steps(net, inputs, counter, optimizer, autocast, steps, chunked, activation_offload,
                           autocast is not None and not peft_input_cast)
         # a step of its own: FlopCounterMode beside LiveBytes changes what checkpointing keeps

@@ -1,6 +1,6 @@
 """Helper for test_sharding: the live bytes of one rank while LoraTrainer trains a causal LM, for real.
 
-usage: shard_memory.py MODE   (MODE: fsdp | ddp; run under torchrun, 2 processes, gloo)
+usage: shard_memory.py MODE   (MODE: fsdp | fsdp-qlora | ddp; run under torchrun, 2 processes, gloo)
 Every rank counts what it holds with `counting.LiveBytes` (the counter the simulator uses, here on real
 tensors) from before Trainer wraps the model to the end of 2 training steps, and prints
 (rank 0, for every rank) `PEAK {"rank": r, "peak": bytes, "setup": bytes}`: the most it held during the steps, and what it held when
@@ -37,12 +37,12 @@ def main(mode: str) -> None:
     import datasets
     from transformers import LlamaForCausalLM, TrainerCallback
 
-    sharding = {"fsdp": {"fsdp": True}, "ddp": {}}[mode]
+    sharding = {"fsdp": {"fsdp": True}, "fsdp-qlora": {"fsdp": True}, "ddp": {}}[mode]
     args = lorakit.training_args(
         "/tmp/unused", max_steps=2, per_device_train_batch_size=PER_DEVICE, learning_rate=1e-3, save_strategy="no",
         logging_steps=1, seed=0, use_cpu=True, disable_tqdm=True, ddp_backend="gloo", chunked_loss=False,
         **sharding)
-    if mode == "fsdp":  # as in shard_train.py: accelerate would silently train with DDP on CPU
+    if mode.startswith("fsdp"):  # as in shard_train.py: accelerate would silently train with DDP on CPU
         from accelerate.state import PartialState
         from accelerate.utils import DistributedType
 
@@ -72,14 +72,15 @@ def main(mode: str) -> None:
 
     model = LlamaForCausalLM(config())
     trainer = Counted(model=model, args=args, train_dataset=data, lora=lorakit.Lora(r=8, dropout=0.0),
-                      callbacks=[Phases()])
+                      quant=lorakit.Quant(bits=4) if mode == "fsdp-qlora" else None, callbacks=[Phases()])
+    trainer.model.train()  # bitsandbytes 0.50 repacks 4-bit weights in eval mode (see shard_train.py)
     with counter:
         if mode == "ddp":  # DDP trains the model where it is: on a GPU it is there, whole, from the start
             for tensor in state_tensors(trainer.model):
                 counter.track(tensor)
         # FSDP2 shards the model as accelerate moves it to the device: only the shards are ever counted there;
         # per_gpu.counted tells the counter of the storages FSDP2 resizes in place (no op reports those)
-        with per_gpu.counted(counter) if mode == "fsdp" else contextlib.nullcontext():
+        with per_gpu.counted(counter) if mode != "ddp" else contextlib.nullcontext():
             trainer.train()
     mine = {"rank": int(os.environ["RANK"]), "peak": counter.peak, "setup": setup["bytes"],
             "sharded": type(trainer.model_wrapped).__name__}
