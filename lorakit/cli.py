@@ -122,16 +122,22 @@ def cmd_merge(args: argparse.Namespace) -> int:
     show(f"{', '.join(args.adapter)} into {args.base or 'the base in the manifest'}")
     done = merge(args.base, args.adapter, args.out, weights=weights, method=args.method, dtype=args.dtype,
                  verify=not args.no_verify, force=args.force, into=args.into, gguf=args.gguf,
-                 gguf_type=args.gguf_type, ollama=args.ollama)
+                 gguf_type=args.gguf_type, ollama=args.ollama, verify_logits=args.verify_logits)
     show(None)
     check = done["verification"]
     print(f"wrote {args.out} ({done['path']}, {done['merged_layers']} layers, {done['wall_seconds']:.1f} s)")
-    if check:
+    if check and check["modules"]:
+        modules = check["modules"]
+        print(f"verified: {modules['tensors']} tensors, {modules['lora_tensors_probed']} LoRA updates on random "
+              f"probes (worst {modules['worst_ratio_to_tolerance']:.2f} of the rounding tolerance)")
+    if check and "max_abs_logit_difference" in check:
         print(f"verified: max |logit difference| {check['max_abs_logit_difference']:.2e} "
               f"(tolerance {check['tolerance']:.0e})")
         if "quantization_gap" in check:
             print(f"quantization cost: adapter on its quantized base vs merged full precision: "
                   f"{check['quantization_gap']['max_abs_logit_difference']:.3g}")
+    elif check:
+        print(f"logits check {check['logits_check']} (--verify-logits runs it)")
     if done["gguf"]:
         gguf = done["gguf"]
         print(f"wrote {gguf['path']} ({gguf['type']}, {gguf['bytes'] / 2**20:.1f} MiB, tokenizer {gguf['tokenizer']})")
@@ -266,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
     merge_cmd.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the merged weights")
     merge_cmd.add_argument("--into", default="original", choices=["original", "dequantized"],
                        help="for adapters trained on a k-bit base: the original weights, or the dequantized ones")
-    merge_cmd.add_argument("--no-verify", action="store_true", help="skip the logits check against base + adapter")
+    merge_cmd.add_argument("--no-verify", action="store_true", help="skip every check against base + adapter")
+    merge_cmd.add_argument("--verify-logits", action=argparse.BooleanOptionalAction, default=None,
+                           help="run (or skip) the whole-model logits check; default: when the model is small")
     merge_cmd.add_argument("--gguf", help="also write the merged model to this GGUF file (llama.cpp, Ollama)")
     merge_cmd.add_argument("--gguf-type", default="f16", choices=list(GGUF_TYPES), help="GGUF weight type")
     merge_cmd.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the --gguf "

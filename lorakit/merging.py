@@ -5,8 +5,9 @@ streaming (`lorakit.streaming`: tensor by tensor, peak memory about one output
 shard plus the largest tensor). Several adapters (peft's `add_weighted_adapter`),
 DoRA, or a base only reachable through `from_pretrained` go through peft's
 `merge_and_unload`, which holds the whole model. Either way the output is
-written to a temp folder beside `out_dir`, verified against base+adapter run
-through peft, and only then renamed into place.
+written to a temp folder beside `out_dir`, verified (`lorakit.verify_streamed`:
+tensor by tensor for a streamed merge, by logits through peft where the model
+fits), and only then renamed into place.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from .names import adapter_key
 from .specs import torch_dtype
 from .state import Source
 from .streaming import check_finite, merge_streamed, names_line_up
-from .verify import peft_model, verify_merged
+from .verify import peft_model
+from .verify_streamed import check_merge, refuse_unchecked
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 # Which weighted merges equal the weighted sum of the adapters' updates exactly.
@@ -81,14 +83,15 @@ def _read_adapter(folder: Path) -> dict:
 def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list[float] | None = None,
           method: str = "linear", dtype: str | None = None, verify: bool = True, force: bool = False,
           into: str = "original", stream: bool | None = None, gguf: str | os.PathLike | None = None,
-          gguf_type: str = "f16", ollama: bool = False) -> dict:
+          gguf_type: str = "f16", ollama: bool = False, verify_logits: bool | None = None) -> dict:
     """Merge one or several adapters into `base` and write a plain transformers checkpoint to `out_dir`.
 
     `base`: anything `lorakit.load` takes, or None to use the adapter manifest's base. Returns the
     merge report (also written to `out_dir/merge_report.json`). With `gguf`, the merged model is also
     written to that GGUF file (`gguf_type` f16, q8_0 or f32; the families in gguf_families.FAMILIES) and
     checked before it gets its name (in llama.cpp when built here: see gguf_verify); with `ollama`, an Ollama
-    Modelfile beside it (modelfile.py).
+    Modelfile beside it (modelfile.py). `verify_logits`: run the whole-model logits check (True), skip it
+    (False), or decide by verify_streamed.LOGITS_CHECK_BYTES (None).
     """
     started = time.perf_counter()
     folders = [Path(a) for a in ([adapters] if isinstance(adapters, (str, os.PathLike)) else adapters)]
@@ -102,6 +105,8 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
     if into not in ("original", "dequantized"):
         raise SpecError(f"into must be 'original' or 'dequantized', got {into!r}")
     torch_dtype(dtype)
+    if verify_logits is not None and not verify:
+        raise SpecError("verify_logits is for a verified merge", hint="drop verify_logits, or verify=True")
     out = Path(out_dir)
     staging, old = _leftovers(out)  # first: it may bring back an output a killed merge had set aside
     refuse_existing(out, force, folder=True)
@@ -141,13 +146,15 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
         if into == "dequantized" and not streamable:
             raise SpecError("--into dequantized needs the streamed path", hint="merge one adapter at a time")
         use_stream = streamable if stream is None else stream
+        if verify:
+            refuse_unchecked(use_stream, into, verify_logits)
         if use_stream:
             stats = merge_streamed(base_dir, loaded[0], staging, meta, task_config, dtype, into)
         else:
             stats = _in_memory(base, loaded, staging, task_config, weights, method, dtype)
         _copy_side_files(base_dir, loaded[0]["folder"], staging)
-        figures = verify_merged(base, loaded, staging, task_config, weights, method, dtype or stats["dtype"],
-                                into) if verify else None
+        figures = check_merge(base, loaded, staging, task_config, weights, method, dtype or stats["dtype"], into,
+                              use_stream, base_dir, verify_logits) if verify else None
         exported = (export_gguf(staging, gguf_path, gguf_type, name=out.name, verify=verify, ollama=ollama)
                     if gguf_path is not None else None)
         report = {

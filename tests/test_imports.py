@@ -32,6 +32,7 @@ LAYERS = [
     ["render", "data", "metrics", "fit"],
     ["adapter", "chat", "arguments"],
     ["streaming", "checkpoints", "gguf_export", "serving"],
+    ["verify_streamed"],
     ["trainer", "merging"],
     ["cli"],
 ]
