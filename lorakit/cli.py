@@ -12,19 +12,17 @@ import os
 import sys
 from pathlib import Path
 
-from .accounting import OPTIMIZERS
-from .console import progress_line, quiet, version
+from .cli_args import build_parser
+from .console import progress_line, quiet
 from .errors import LorakitError, SpecError
 from .files import atomic_path, refuse_existing, write_text_atomic
 from .fit import choices_json, fit, parse_memory, render_fit
-from .gguf_export import GGUF_TYPES
-from .load import TASKS, build_from_config, resolve_config
-from .materialise import QUANT_PATHS
+from .load import build_from_config, resolve_config
 from .memplot import check_path
-from .merging import METHODS, merge
+from .merging import merge
 from .render import FORMATS, architecture_summary, architecture_table, plot
 from .report import report
-from .serving import SERVERS, serving_breaches
+from .serving import serving_breaches
 from .simulate import simulate
 from .specs import Freeze, Lora, Quant
 from .wrap import targets
@@ -175,13 +173,6 @@ def cmd_fit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_gpu_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs training together; figures are per GPU, "
-                        "batch sizes per GPU (default 1)")
-    parser.add_argument("--shard", choices=["fsdp", "zero2", "zero3"], help="how the GPUs share the model: FSDP2 "
-                        "as Trainer applies it (default with --gpus: data parallel, DDP)")
-
-
 def cmd_zoo(args: argparse.Namespace) -> int:
     print("presets (adapters_zoo/presets):")
     for name, preset in presets().items():
@@ -190,12 +181,6 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     for model_id in bundled_configs():
         print(f"  {model_id}")
     return 0
-
-
-def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="local model folder, bundled zoo name (see `lorakit zoo`) or Hub id")
-    parser.add_argument("--task", choices=list(TASKS), help="which head (default: from the config)")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow custom model code (off by default)")
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -212,123 +197,16 @@ def cmd_architectures(args: argparse.Namespace) -> int:
     return 0
 
 
-QUANT_PATH_HELP = "how a quantized model gets onto the GPU: " + "; ".join(f"{k}, {v}" for k, v in QUANT_PATHS.items())
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lorakit", description="LoRA, freezing and quantization for Hugging Face "
-                                     "models: see exactly what each choice costs.")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an unexpected error")
-    parser.add_argument("--version", action="version", version=f"lorakit {version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    compare = sub.add_parser("compare-parameters", help="per-layer trainable parameters and training memory vs "
-                             "full fine-tuning", description="Exact per-layer report. Works offline from a config.")
-    _add_model_args(compare)
-    lora_help = {f.name: f.metadata["help"] for f in Lora.__dataclass_fields__.values()}
-    compare.add_argument("--lora-r", type=int, help=lora_help["r"] + " (default 8)")
-    compare.add_argument("--lora-alpha", type=float, help=lora_help["alpha"])
-    compare.add_argument("--lora-dropout", type=float, help=lora_help["dropout"])
-    compare.add_argument("--lora-targets", help=lora_help["targets"])
-    compare.add_argument("--lora-layers", help=lora_help["layers"])
-    compare.add_argument("--no-lora", action="store_true", help="compare freezing/quantization alone")
-    compare.add_argument("--freeze", help=Freeze.parse.__doc__.split("\n\n")[1].strip().replace("\n", " ")
-                         if Freeze.parse.__doc__ else "freeze spec")
-    compare.add_argument("--quant", default="none", choices=["none", "8bit", "4bit", "fp4"],
-                         help="bitsandbytes quantization of Linear layers")
-    compare.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                         help="dtype of the weights (default: the config's, else float32)")
-    compare.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
-    compare.add_argument("--depth", type=int, help="group by the first N parts of module names instead of layers")
-    compare.add_argument("--by", default="layer", choices=["layer", "kind"], help="rows per layer or per module kind")
-    compare.add_argument("--batch-size", type=int, help="with --seq-len: simulate two training steps on fake "
-                         "tensors and report peak GPU memory")
-    compare.add_argument("--seq-len", type=int)
-    compare.add_argument("--gradient-checkpointing", action="store_true", help="simulate with it on")
-    _add_gpu_args(compare)
-    compare.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash"], help="attention kernel")
-    compare.add_argument("--quant-path", default="load", choices=list(QUANT_PATHS), help=QUANT_PATH_HELP)
-    compare.add_argument("--format", default="table", choices=["table", "json", "csv", "markdown"])
-    compare.add_argument("--output", help="write to this file (atomically) instead of stdout")
-    compare.add_argument("--plot", help="also draw a bar chart to FILE.png or FILE.svg (needs matplotlib)")
-    compare.add_argument("--memory-plot", help="with --batch-size and --seq-len: draw device memory over the "
-                         "simulated step, stacked by kind, to FILE.png or FILE.svg (needs matplotlib)")
-    compare.add_argument("--gpu-memory", help="draw this capacity on --memory-plot, e.g. 24GiB")
-    compare.add_argument("--force", action="store_true", help="overwrite an existing --output/--plot/--memory-plot")
-    compare.set_defaults(func=cmd_compare_parameters)
-
-    show = sub.add_parser("targets", help="the LoRA candidates of a model and what a spec would touch")
-    _add_model_args(show)
-    show.add_argument("--lora-targets")
-    show.add_argument("--lora-layers")
-    show.set_defaults(func=cmd_targets)
-
-    merge_cmd = sub.add_parser("merge", help="fold adapters into the base weights: a plain transformers checkpoint")
-    merge_cmd.add_argument("--base", help="base model (default: the one in the adapter's manifest)")
-    merge_cmd.add_argument("--adapter", action="append", required=True, help="adapter folder; repeat for several")
-    merge_cmd.add_argument("--weights", help="one weight per adapter, e.g. 0.7,0.3")
-    merge_cmd.add_argument("--method", default="linear", choices=list(METHODS), help="peft's add_weighted_adapter method")
-    merge_cmd.add_argument("--out", required=True, help="output folder (must not exist unless --force)")
-    merge_cmd.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="dtype of the merged weights")
-    merge_cmd.add_argument("--into", default="original", choices=["original", "dequantized"],
-                       help="for adapters trained on a k-bit base: the original weights, or the dequantized ones")
-    merge_cmd.add_argument("--no-verify", action="store_true", help="skip every check against base + adapter")
-    merge_cmd.add_argument("--verify-logits", action=argparse.BooleanOptionalAction, default=None,
-                           help="run (or skip) the whole-model logits check; default: when the model is small")
-    merge_cmd.add_argument("--gguf", help="also write the merged model to this GGUF file (llama.cpp, Ollama)")
-    merge_cmd.add_argument("--gguf-type", default="f16", choices=list(GGUF_TYPES), help="GGUF weight type")
-    merge_cmd.add_argument("--ollama", action="store_true", help="also write an Ollama Modelfile beside the --gguf "
-                           "file: FROM it, the chat template (ChatML, Llama 3, Gemma or Phi-3), stop words")
-    merge_cmd.add_argument("--force", action="store_true", help="replace an existing --out (and --gguf, Modelfile)")
-    merge_cmd.set_defaults(func=cmd_merge)
-
-    fit_cmd = sub.add_parser("fit", help="for full fine-tuning, LoRA and QLoRA: the cheapest configuration that fits",
-                             description="Simulated training steps (fake tensors, no GPU needed) for each method, "
-                             "trying the memory levers cheapest first: chunked loss, gradient checkpointing, "
-                             "activation offload, 8-bit optimizer, then smaller micro-batches with gradient "
-                             "accumulation. --format json gives lorakit.training_args keywords.")
-    _add_model_args(fit_cmd)
-    fit_cmd.add_argument("--gpu-memory", required=True, help="e.g. 24GiB, 80GB")
-    fit_cmd.add_argument("--seq-len", type=int, default=2048)
-    _add_gpu_args(fit_cmd)
-    fit_cmd.add_argument("--global-batch", default="1",
-                         help="sequences per optimizer step (micro-batch x gradient accumulation x GPUs); default 1")
-    fit_cmd.add_argument("--lora-r", type=int, help="default: the family preset's")
-    fit_cmd.add_argument("--lora-alpha", type=float)
-    fit_cmd.add_argument("--lora-targets", help="default: the family preset's")
-    fit_cmd.add_argument("--attn", default="sdpa", choices=["sdpa", "eager", "flash"])
-    fit_cmd.add_argument("--quant-path", default="load", choices=list(QUANT_PATHS), help=QUANT_PATH_HELP)
-    fit_cmd.add_argument("--optimizer", default="adamw", choices=list(OPTIMIZERS))
-    fit_cmd.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
-    fit_cmd.add_argument("--method", action="append", choices=["full", "lora", "qlora"],
-                     help="only these (repeat the flag); default all three")
-    fit_cmd.add_argument("--format", default="table", choices=["table", "json"])
-    fit_cmd.set_defaults(func=cmd_fit)
-
-    zoo = sub.add_parser("zoo", help="list presets and bundled configs")
-    zoo.set_defaults(func=cmd_zoo)
-
-    hub = sub.add_parser("architectures", help="the model families lorakit supports and tests, with their limits")
-    hub.add_argument("--by-group", action="store_true", help="one row per group of families")
-    hub.set_defaults(func=cmd_architectures)
-
-    check = sub.add_parser("check", help="can an adapter be served unmerged? every serving rule it breaks, with the fix")
-    check.add_argument("adapter", help="the adapter folder (adapter_config.json, adapter_model.safetensors)")
-    check.add_argument("--serve", required=True, choices=list(SERVERS), help="the server to check against")
-    check.set_defaults(func=cmd_check)
-    return parser
-
-
 # Commands that load transformers anyway: only they pay for importing its logging switches.
 LOADS_TRANSFORMERS = ("compare-parameters", "targets", "merge", "fit")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    command = globals()["cmd_" + args.command.replace("-", "_")]  # looked up when it runs (tests replace one)
     try:
         with quiet(args.command in LOADS_TRANSFORMERS):
-            return args.func(args)
+            return command(args)
     except LorakitError as exc:
         return _error(exc.message, exc.hint, 2)
     except BrokenPipeError:  # `lorakit ... | head`: the reader left; stop quietly, as Unix tools do

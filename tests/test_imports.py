@@ -34,6 +34,7 @@ LAYERS = [
     ["streaming", "checkpoints", "gguf_export", "serving"],
     ["verify_streamed"],
     ["trainer", "merging"],
+    ["cli_args"],
     ["cli"],
 ]
 # Modules that subclass torch classes at import time: importing them is importing torch, so (like torch
