@@ -6,7 +6,8 @@ What lorakit sets for them, and nothing else:
     compute dtype (bitsandbytes `quant_storage`), since FSDP and ZeRO-3 shard every parameter alike;
   * `full_value` / `shape_of`: one parameter in full on every rank (a collective), for the base fingerprint;
   * `gather_trainable`: the trained tensors in full, for an adapter-only checkpoint (every rank takes part,
-    rank 0 writes); `load_trainable`: the same tensors put back into a sharded model on resume.
+    rank 0 writes); `load_trainable`: the same tensors put back into a sharded model on resume;
+  * `trainable_digest` / `unchanged`: what the first DeepSpeed step changed, for LoraTrainer's gradient check.
 """
 
 from __future__ import annotations
@@ -133,13 +134,35 @@ def stepped(engine: Any) -> bool:
     return engine.was_step_applied()
 
 
-def unchanged(before: dict[str, Any], model: Any) -> list[str]:
-    """The trainable tensors a DeepSpeed step left as they were (`before`: `gather_trainable` ahead of it): they
-    got no gradient. Not lora_A, whose first gradient is zero as long as lora_B is."""
+def trainable_digest(model: Any) -> dict[str, tuple[float, float]]:
+    """Per trainable tensor, its float64 sum and sum of squares, in slices of 1M elements (a ZeRO-3 parameter
+    gathered alone): what the first step's check compares, where a copy of every trained tensor would cost
+    full fine-tuning the whole model twice over on every rank. Every rank must call it under ZeRO-3."""
     import torch
 
-    after = gather_trainable(model)
-    return [name for name, value in before.items() if "lora_A" not in name and torch.equal(value, after[name])]
+    digests = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        gathered = contextlib.nullcontext()
+        if hasattr(param, "ds_id"):
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([param])
+        with gathered, torch.no_grad():
+            sums = torch.zeros(2, dtype=torch.float64, device=param.device)
+            for piece in param.detach().reshape(-1).split(1 << 20):
+                piece = piece.double()
+                sums += torch.stack([piece.sum(), piece.square().sum()])
+            digests[name] = tuple(sums.tolist())
+    return digests
+
+
+def unchanged(before: dict[str, Any], model: Any) -> list[str]:
+    """The trainable tensors a DeepSpeed step left as they were (`before`: `trainable_digest` ahead of it):
+    they got no gradient. Not lora_A, whose first gradient is zero as long as lora_B is."""
+    after = trainable_digest(model)
+    return [name for name, value in before.items() if "lora_A" not in name and value == after[name]]
 
 
 def load_trainable(model: Any, tensors: dict[str, Any]) -> None:

@@ -194,7 +194,7 @@ class LoraTrainer(Trainer):
         # through backward, where checkpointing recomputes the forward (lorakit.levers)
         uncast = uncast_lora_inputs(self.accelerator.unwrap_model(model), self.args.bf16 or self.args.fp16)
         if self._gradients_to_check and self.is_deepspeed_enabled and self._before_step is None:
-            self._before_step = sharding.gather_trainable(self.model)  # DeepSpeed steps inside backward
+            self._before_step = sharding.trainable_digest(self.model)  # DeepSpeed steps inside backward
         try:
             with uncast:
                 loss = super().training_step(model, inputs, num_items_in_batch)
