@@ -7,7 +7,8 @@ What lorakit sets for them, and nothing else:
   * `full_value` / `shape_of`: one parameter in full on every rank (a collective), for the base fingerprint;
   * `gather_trainable`: the trained tensors in full, for an adapter-only checkpoint (every rank takes part,
     rank 0 writes); `load_trainable`: the same tensors put back into a sharded model on resume;
-  * `trainable_digest` / `unchanged`: what the first DeepSpeed step changed, for LoraTrainer's gradient check.
+  * `trainable_digest` / `unchanged`: what the first DeepSpeed step changed, for LoraTrainer's gradient check;
+  * `auto_buckets`: DeepSpeed's bucket sizes from the model's hidden size where the config says nothing.
 """
 
 from __future__ import annotations
@@ -22,6 +23,11 @@ from .names import base_name
 from .specs import Quant, torch_dtype
 
 SHARDS_PARAMETERS = ("fsdp", "zero3")  # a rank holds a slice of every parameter (ZeRO-2 keeps them whole)
+# DeepSpeed's defaults for these are sized for full fine-tuning of large models: reduce_bucket_size is 5e8
+# elements, a buffer allocated whole on every rank however few parameters train (2 GB in fp32, 1 GB in bf16).
+# Trainer sizes them from the model's hidden size where they say "auto", as Hugging Face's example configs do.
+AUTO_BUCKETS = {1: ("reduce_bucket_size",), 2: ("reduce_bucket_size",),
+                3: ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")}
 
 
 def deepspeed_stage(args: Any) -> int | None:
@@ -54,6 +60,20 @@ def kind(args: Any) -> str | None:
     if stage is None:
         return None
     return "zero3" if stage == 3 else "zero2"
+
+
+def auto_buckets(args: Any, model: Any) -> list[str]:
+    """Set the DeepSpeed bucket sizes the user's config leaves out (`AUTO_BUCKETS`) to "auto", for Trainer to
+    size from the model's hidden size; the keys set. Values the config gives are kept, and a model without a
+    hidden size keeps DeepSpeed's defaults (Trainer cannot fill "auto" there)."""
+    config = getattr(getattr(args, "hf_deepspeed_config", None), "config", None)
+    model_config = getattr(model, "config", None)
+    if not config or not (getattr(model_config, "hidden_size", None) or getattr(model_config, "hidden_sizes", None)):
+        return []
+    zero = config.setdefault("zero_optimization", {})
+    keys = [key for key in AUTO_BUCKETS.get(int(zero.get("stage", 0)), ()) if key not in zero]
+    zero.update(dict.fromkeys(keys, "auto"))
+    return keys
 
 
 def _storage_hint(dtype: str) -> str:

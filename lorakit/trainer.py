@@ -100,6 +100,10 @@ class LoraTrainer(Trainer):
             model = wrap(model, lora=lora, freeze=freeze, quant=sharding.quant_for(quant, args, model))
         if model is not None:
             sharding.check_storage(model, args)
+            if filled := sharding.auto_buckets(args, model):
+                logger.info("DeepSpeed %s: 'auto' (sized from the model's hidden size), not DeepSpeed's "
+                            "defaults, which allocate 2 GB per GPU in fp32 however few parameters train",
+                            ", ".join(filled))
         if model is not None and not any(p.requires_grad for p in model.parameters()):
             raise LorakitError("nothing in this model is trainable",
                                hint="wrap it with lora=... or freeze=..., or pass those specs to LoraTrainer")
