@@ -118,12 +118,22 @@ def test_zero2_lora_matches_one_process_and_a_layer_without_gradient_is_named(on
 
 # ---- what lorakit sets, and refuses, before anything is sharded (one process) ---------------------------
 
+@pytest.fixture
+def own_environ():
+    """TrainingArguments with deepspeed= sets ACCELERATE_USE_DEEPSPEED (and others) in os.environ: put it back,
+    or every later test's subprocess (tests/ddp_train.py) would start DeepSpeed."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
 def fsdp_args(tmp_path, **config):
     return lorakit.training_args(str(tmp_path), use_cpu=True, fsdp=True,
                                  fsdp_config={"transformer_layer_cls_to_wrap": ["BertLayer"], **config})
 
 
-def test_sharded_4bit_storage_is_the_compute_dtype_and_a_conflict_is_refused(tmp_path):
+def test_sharded_4bit_storage_is_the_compute_dtype_and_a_conflict_is_refused(tmp_path, own_environ):
     fsdp, zero2 = fsdp_args(tmp_path), lorakit.training_args(str(tmp_path), use_cpu=True, **zero(2))
     assert sharding.quant_for("4bit", fsdp, build_model()).quant_storage == "float32"
     assert sharding.quant_for("4bit", zero2, build_model()).quant_storage is None  # ZeRO-2 keeps weights whole
@@ -224,7 +234,7 @@ def test_fit_on_several_gpus_splits_the_global_batch_and_names_fsdp_in_its_argum
 
 
 @needs_deepspeed
-def test_deepspeed_bucket_sizes_left_out_are_sized_from_the_model_and_given_ones_are_kept(tmp_path):
+def test_deepspeed_bucket_sizes_left_out_are_sized_from_the_model_and_given_ones_are_kept(tmp_path, own_environ):
     """DeepSpeed's default reduce_bucket_size is 5e8 elements, allocated whole on every rank: a LoRA run of a 50M
     model under ZeRO-2 peaked at 2.34 GB per rank with it and 0.38 GB with "auto" (tests/shard_memory.py)."""
     stage3 = lorakit.training_args(str(tmp_path), use_cpu=True, **zero(3))
