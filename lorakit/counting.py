@@ -73,7 +73,7 @@ class LiveBytes(TorchDispatchMode):
         self.marks: list[tuple[int, int, str]] = []  # (event index, step, phase) where a phase starts
         self._workspaces: set[str] = set()
         self.current_op = ""
-        self.role = ""  # a role for everything allocated meanwhile (FSDP's gathered weights: `per_gpu.labelled`)
+        self.role = ""  # a role for everything allocated meanwhile (FSDP's gathered weights: `per_gpu.counted`)
 
     def set_phase(self, step: int, phase: str) -> None:
         self.step, self.phase = step, phase

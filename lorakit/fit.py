@@ -20,7 +20,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from . import per_gpu
+from . import per_gpu, sharding
 from .errors import LorakitError
 from .materialise import QUANT_PATHS
 from .simulate import Simulation, simulate
@@ -214,6 +214,11 @@ def memory_check_callback() -> Any:
 def _compare(model: Any, args: Any, shape: tuple) -> None:
     import torch
 
+    kind = sharding.kind(args)
+    if kind is not None:  # FSDP2 is simulated under a fake process group, which a distributed job cannot open
+        logger.info(f"memory check skipped: a {kind} run is simulated in a process of its own "
+                    "(lorakit fit --gpus N --shard fsdp)")
+        return
     state = state_of(model)
     plan = state.plan if state else None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -224,7 +229,8 @@ def _compare(model: Any, args: Any, shape: tuple) -> None:
                              gradient_checkpointing=bool(args.gradient_checkpointing),
                              chunked_loss=getattr(args, "lorakit_chunked_loss", None),
                              activation_offload=getattr(args, "lorakit_activation_offload", False),
-                             autocast="bfloat16" if args.bf16 else "float16" if args.fp16 else None)
+                             autocast="bfloat16" if args.bf16 else "float16" if args.fp16 else None,
+                             gpus=max(args.world_size, 1))
     except Exception as exc:  # a check must never stop training
         logger.info(f"memory check skipped: {getattr(exc, 'message', exc)}")
         return

@@ -8,6 +8,8 @@ head in units of their own, the root last, trainable parameters upcast to float3
 the mixed-precision policy Trainer's bf16/fp16 gives (parameters all-gathered and gradients reduced in the
 compute dtype). The step then runs as on one GPU and `LiveBytes` sees this rank's shards, the all-gathered
 units and their prefetch, and the reduce-scatter buffers. Collectives move no data, which costs no memory.
+A 4-bit model is sharded as LoraTrainer shards it: packed weights stored in the compute dtype, sharded with
+the rest, and their quantization state whole on every rank.
 
 DDP holds the whole model on every rank. Wrapping it broadcasts rank 0's parameters and buffers, flattened
 into buckets of up to 250 MiB (a transient beside the whole model), and allocates its gradient buckets: one
@@ -26,7 +28,6 @@ from typing import Any, Iterator
 from .errors import SpecError
 
 SHARDS = ("fsdp", "zero2", "zero3")
-SHARDED_HEAD = "lm_head's weight is sharded (FSDP / ZeRO-3)"  # why the chunked loss is off there
 
 
 def check(gpus: Any, shard: str | None) -> None:
@@ -45,7 +46,7 @@ def check(gpus: Any, shard: str | None) -> None:
 
 
 def how(shard: str | None) -> str:
-    return {None: "data parallel (DDP)", "fsdp": "FSDP2 full shard"}[shard]
+    return {None: "DDP", "fsdp": "FSDP2 full shard"}[shard]
 
 
 def describe(gpus: int, shard: str | None) -> str:
@@ -128,7 +129,7 @@ def counted(counter: Any) -> Iterator[None]:
     """FSDP2 as `counter` must see it. It frees a gathered unit's parameters by resizing their storage to
     nothing and re-allocates them by resizing it back (`storage.resize_`, which no op reports): the counter is
     told. And what FSDP2 allocates to all-gather a unit is counted as weights, its reduce-scatter buffers as
-    gradients (the breakdown's kinds). Reads FSDP2's private names; `simulate` refuses to run without them."""
+    gradients (the breakdown's kinds). Reads FSDP2's private names (as of torch 2.13)."""
     from torch.distributed.fsdp._fully_shard import _fsdp_param as params, _fsdp_param_group as groups
 
     def as_role(function: Any, role: str) -> Any:

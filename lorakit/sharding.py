@@ -23,6 +23,7 @@ from .names import base_name
 from .specs import Quant, torch_dtype
 
 SHARDS_PARAMETERS = ("fsdp", "zero3")  # a rank holds a slice of every parameter (ZeRO-2 keeps them whole)
+SHARDED_HEAD = "lm_head's weight is sharded (FSDP / ZeRO-3)"  # why the chunked loss is off there
 # DeepSpeed's defaults for these are sized for full fine-tuning of large models: reduce_bucket_size is 5e8
 # elements, a buffer allocated whole on every rank however few parameters train (2 GB in fp32, 1 GB in bf16).
 # Trainer sizes them from the model's hidden size where they say "auto", as Hugging Face's example configs do.

@@ -25,20 +25,20 @@ separately and labelled.
 from __future__ import annotations
 
 import time
-from types import SimpleNamespace
 from dataclasses import asdict, dataclass, field, replace
+from types import SimpleNamespace
 from typing import Any
 
+from . import per_gpu
 from .accounting import OPTIMIZERS
 from .allocator import CachingAllocator, round_size
+from .batches import sample_batch
 from .errors import SpecError
+from .levers import use_chunked_loss
 from .materialise import QUANT_PATHS, materialise, prepare_bitsandbytes, state_tensors
 from .memplot import memory_plot
-from . import per_gpu
-from .batches import sample_batch
-from .levers import use_chunked_loss
 from .plan import check_init
-from .sharding import quant_for
+from .sharding import SHARDED_HEAD, quant_for
 from .rebuild import (architecture, build, checkpoint, config_dtype, position_warning, uniform_blocks,
                       with_blocks, without_layerdrop, without_value_checks)
 from .specs import Freeze, Lora, Quant, torch_dtype
@@ -191,7 +191,7 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
             net = wrap(net, lora=lora, freeze=freeze, quant=quant, preset=preset)
     if not any(p.requires_grad for p in net.parameters()):
         raise SpecError("nothing in this model is trainable", hint="give a LoRA spec or a freeze spec")
-    chunked, why_not = use_chunked_loss(net, task, chunked_loss, per_gpu.SHARDED_HEAD if shard else None)
+    chunked, why_not = use_chunked_loss(net, task, chunked_loss, SHARDED_HEAD if shard else None)
     notes = [f"standard causal-LM loss (LoraTrainer's too): {why_not}"] if why_not else []
     if gradient_checkpointing:
         checkpoint(net)

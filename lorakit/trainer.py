@@ -128,7 +128,7 @@ class LoraTrainer(Trainer):
         if self.label_smoother is not None or self.compute_loss_func is not None:
             own_reason = "a label smoother or compute_loss_func needs the logits"
         elif sharding.kind(args) in ("fsdp", "zero3"):  # lm_head's weight is gathered only inside its forward
-            own_reason = "lm_head's weight is sharded (FSDP / ZeRO-3)"
+            own_reason = sharding.SHARDED_HEAD
         else:
             own_reason = None
         self._chunked_loss, why_not = use_chunked_loss(model, task, getattr(args, "lorakit_chunked_loss", None),
