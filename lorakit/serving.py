@@ -146,7 +146,10 @@ def note_unservable(adapter: str | Path) -> str | None:
         return None
     manifest = json.loads((folder / MANIFEST).read_text()) if (folder / MANIFEST).is_file() else None
     server = (saved_plan(manifest).get("lora") or {}).get("serve_for") or "vllm"
-    breaches = serving_breaches(folder, server)
+    try:
+        breaches = serving_breaches(folder, server)
+    except LorakitError:  # a note after a save that worked must not fail it
+        return None
     if not breaches:
         return None
     rules = ", ".join(dict.fromkeys(b.rule for b in breaches))
