@@ -1,9 +1,9 @@
 """Helper for test_sharding: the live bytes of one rank while LoraTrainer trains a causal LM, for real.
 
-usage: shard_memory.py MODE   (MODE: fsdp | fsdp-qlora | ddp; run under torchrun, 2 processes, gloo)
+usage: shard_memory.py MODES   (fsdp,fsdp-qlora | ddp; run under torchrun, 2 processes, gloo)
 Every rank counts what it holds with `counting.LiveBytes` (the counter the simulator uses, here on real
 tensors) from before Trainer wraps the model to the end of 2 training steps, and prints
-(rank 0, for every rank) `PEAK {"rank": r, "peak": bytes, "setup": bytes}`: the most it held during the steps, and what it held when
+(rank 0, for every rank) `PEAK {"mode": m, "rank": r, "peak": bytes, "setup": bytes}`: the most it held during the steps, and what it held when
 the first began. The model is big enough that its weights, not cuBLAS's
 workspaces, decide the figure: 50M parameters in float32.
 """
@@ -82,7 +82,7 @@ def main(mode: str) -> None:
         # per_gpu.counted tells the counter of the storages FSDP2 resizes in place (no op reports those)
         with per_gpu.counted(counter) if mode != "ddp" else contextlib.nullcontext():
             trainer.train()
-    mine = {"rank": int(os.environ["RANK"]), "peak": counter.peak, "setup": setup["bytes"],
+    mine = {"mode": mode, "rank": int(os.environ["RANK"]), "peak": counter.peak, "setup": setup["bytes"],
             "sharded": type(trainer.model_wrapped).__name__}
     every = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(every, mine)  # rank 0 prints them all: two ranks' prints interleave
@@ -91,5 +91,6 @@ def main(mode: str) -> None:
             print("PEAK", json.dumps(seen), flush=True)
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    for each in sys.argv[1].split(","):  # several modes of one kind in one launch: fsdp,fsdp-qlora
+        main(each)
     leave_together()
