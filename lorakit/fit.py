@@ -95,15 +95,15 @@ def fit(model: Any, gpu_memory: int | str, *, seq_len: int = 2048, global_batch:
     lora = lora or Lora(r=16, targets="all-linear")
     quant = quant or Quant(bits=4, compute_dtype="bfloat16")
     specs = {"full": {}, "lora": {"lora": lora}, "qlora": {"lora": lora, "quant": quant, "quant_path": quant_path}}
-    sharding = {"fsdp": True} if shard == "fsdp" else {}  # training_args keywords
+    shard_args = {"fsdp": True} if shard == "fsdp" else {}  # training_args keywords
     return [_choose(method, specs[method], limit, global_batch // gpus, progress,
                     dict(model=model, task=task, dtype=dtype, attn=attn, optimizer=optimizer, seq_len=seq_len,
-                         trust_remote_code=trust_remote_code, gpus=gpus, shard=shard), sharding)
+                         trust_remote_code=trust_remote_code, gpus=gpus, shard=shard), shard_args)
             for method in methods]
 
 
 def _choose(method: str, spec: dict, limit: int, global_batch: int, progress: Any, common: dict,
-            sharding: dict) -> Choice:
+            shard_args: dict) -> Choice:
     """`global_batch`: this GPU's share of it."""
     tried: list[dict] = []
 
@@ -143,7 +143,7 @@ def _choose(method: str, spec: dict, limit: int, global_batch: int, progress: An
     fits = result.device_total <= limit
     return Choice(method, fits, levers, micro, global_batch // micro, result.device_total, result.peak_allocated,
                   result.step_flops, result.step_flops / max(plain.step_flops * micro / global_batch, 1) - 1,
-                  result.host_peak, dict(_training_args(levers, micro, global_batch), **sharding), tried)
+                  result.host_peak, dict(_training_args(levers, micro, global_batch), **shard_args), tried)
 
 
 def _training_args(levers: list[str], micro: int, global_batch: int) -> dict:
