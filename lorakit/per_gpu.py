@@ -22,7 +22,9 @@ be an unverified guess. `simulate` refuses it and names DeepSpeed's own estimato
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
+import warnings
 from typing import Any, Iterator
 
 from .errors import SpecError
@@ -86,46 +88,36 @@ def fsdp2(net: Any, mesh: Any, autocast: str | None) -> Any:
         state=types.SimpleNamespace(fsdp_plugin=plugin), torch_device_mesh=mesh, mixed_precision=mixed,
         parallelism_config=types.SimpleNamespace(fsdp_dim_names=list(mesh.mesh_dim_names)),
         is_main_process=True, device=mesh.device_type)
-    with _quiet(), _state_dict_without_quant_state():
+    with warnings.catch_warnings(action="ignore"), _state_dict_without_quant_state():
         return fsdp2_prepare_model(accelerator, net)
 
 
 @contextlib.contextmanager
-def _state_dict_without_quant_state() -> Iterator[None]:
+def _patched(*patches: tuple[Any, str, Any]) -> Iterator[None]:
+    """Each (owner, name, value) set for the duration, the originals put back after."""
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
+    try:
+        for owner, name, value in patches:
+            setattr(owner, name, value)
+        yield
+    finally:
+        for owner, name, value in originals:
+            setattr(owner, name, value)
+
+
+def _state_dict_without_quant_state() -> Any:
     """fsdp2_prepare_model takes the model's state_dict (it reloads it only with cpu_ram_efficient_loading, off
     here), and a bitsandbytes 4-bit layer puts its quantization state in it by value (`.item()`), which a fake
     tensor has not: for that call, the layer's state_dict is the plain module's."""
-    import sys
-
     import torch
 
     bnb = sys.modules.get("bitsandbytes")
     if bnb is None:
-        yield
-        return
-    layer = bnb.nn.Linear4bit
-    own = layer.__dict__.get("_save_to_state_dict")
-    layer._save_to_state_dict = torch.nn.Module._save_to_state_dict
-    try:
-        yield
-    finally:
-        if own is None:
-            del layer._save_to_state_dict
-        else:
-            layer._save_to_state_dict = own
+        return contextlib.nullcontext()
+    return _patched((bnb.nn.Linear4bit, "_save_to_state_dict", torch.nn.Module._save_to_state_dict))
 
 
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-@contextlib.contextmanager
-def counted(counter: Any) -> Iterator[None]:
+def counted(counter: Any) -> Any:
     """FSDP2 as `counter` must see it. It frees a gathered unit's parameters by resizing their storage to
     nothing and re-allocates them by resizing it back (`storage.resize_`, which no op reports): the counter is
     told. And what FSDP2 allocates to all-gather a unit is counted as weights, its reduce-scatter buffers as
@@ -148,20 +140,12 @@ def counted(counter: Any) -> Iterator[None]:
         return run
 
     group = groups.FSDPParamGroup
-    patches = [(group, "unshard", as_role(group.unshard, "weights")),
-               (group, "wait_for_unshard", as_role(group.wait_for_unshard, "weights")),
-               (groups, "foreach_reduce", as_role(groups.foreach_reduce, "gradients")),
-               (params, "alloc_storage", told(params.alloc_storage)),
-               (params, "free_storage", told(params.free_storage)),
-               (groups, "alloc_storage", told(groups.alloc_storage))]
-    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
-    try:
-        for owner, name, function in patches:
-            setattr(owner, name, function)
-        yield
-    finally:
-        for owner, name, function in originals:
-            setattr(owner, name, function)
+    return _patched((group, "unshard", as_role(group.unshard, "weights")),
+                    (group, "wait_for_unshard", as_role(group.wait_for_unshard, "weights")),
+                    (groups, "foreach_reduce", as_role(groups.foreach_reduce, "gradients")),
+                    (params, "alloc_storage", told(params.alloc_storage)),
+                    (params, "free_storage", told(params.free_storage)),
+                    (groups, "alloc_storage", told(groups.alloc_storage)))
 
 
 DDP_BROADCAST_BUCKET = 250 << 20  # DistributedDataParallel's broadcast_bucket_size
@@ -184,8 +168,7 @@ def ddp_broadcast(net: Any) -> int:
     return largest
 
 
-@contextlib.contextmanager
-def fake_4bit_gathered() -> Iterator[None]:
+def fake_4bit_gathered() -> Any:
     """A 4-bit weight FSDP2 has gathered is a plain parameter: bitsandbytes gives it back its layer's quant
     state by making it a `Params4bit`, which a fake tensor cannot become; here it gets the state as an attribute,
     which is all the layer's forward reads."""
@@ -195,12 +178,7 @@ def fake_4bit_gathered() -> Iterator[None]:
         if getattr(module.weight, "quant_state", None) is None:
             module.weight.quant_state = module.quant_state
 
-    own = modules.fix_4bit_weight_quant_state_from_module
-    modules.fix_4bit_weight_quant_state_from_module = give_state
-    try:
-        yield
-    finally:
-        modules.fix_4bit_weight_quant_state_from_module = own
+    return _patched((modules, "fix_4bit_weight_quant_state_from_module", give_state))
 
 
 def ddp_buckets(net: Any) -> int:

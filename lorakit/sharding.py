@@ -123,11 +123,19 @@ def full_value(param: Any) -> Any:
     if type(param).__name__ == "DTensor" or hasattr(param, "device_mesh"):
         return param.full_tensor().detach()
     if hasattr(param, "ds_id"):
-        import deepspeed
-
-        with deepspeed.zero.GatheredParameters([param]):
+        with gathered([param]):
             return param.detach().clone()
     return param.detach()
+
+
+def gathered(params: list[Any]) -> Any:
+    """A block within which ZeRO-3 parameters among `params` are whole (DeepSpeed's GatheredParameters, a
+    collective); nothing to do for any other parameter."""
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
 
 
 def gather_trainable(model: Any) -> dict[str, Any]:
@@ -140,12 +148,7 @@ def gather_trainable(model: Any) -> dict[str, Any]:
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
         return get_model_state_dict(model, options=options)
-    gathered = contextlib.nullcontext()
-    if any(hasattr(p, "ds_id") for _, p in trained):  # ZeRO-3: the full tensors exist within this block
-        import deepspeed
-
-        gathered = deepspeed.zero.GatheredParameters([p for _, p in trained])
-    with gathered:
+    with gathered([p for _, p in trained]):  # ZeRO-3: the full tensors exist within this block
         return {name: param.detach().cpu().clone() for name, param in trained}
 
 
@@ -165,12 +168,7 @@ def trainable_digest(model: Any) -> dict[str, tuple[float, float]]:
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        gathered = contextlib.nullcontext()
-        if hasattr(param, "ds_id"):
-            import deepspeed
-
-            gathered = deepspeed.zero.GatheredParameters([param])
-        with gathered, torch.no_grad():
+        with gathered([param]), torch.no_grad():
             sums = torch.zeros(2, dtype=torch.float64, device=param.device)
             for piece in param.detach().reshape(-1).split(1 << 20):
                 piece = piece.double()
