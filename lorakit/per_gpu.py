@@ -27,6 +27,7 @@ import types
 import warnings
 from typing import Any, Iterator
 
+from .allocator import round_size
 from .errors import SpecError
 
 SHARDS = ("fsdp", "zero2", "zero3")
@@ -179,6 +180,13 @@ def fake_4bit_gathered() -> Any:
             module.weight.quant_state = module.quant_state
 
     return _patched((modules, "fix_4bit_weight_quant_state_from_module", give_state))
+
+
+def ddp_setup(net: Any, counter: Any) -> None:
+    """What wrapping `net` in DDP allocates, counted: rank 0's model broadcast in flat buckets (freed after the
+    collective), then DDP's own gradient buckets (kept)."""
+    counter.remove(counter.add(round_size(ddp_broadcast(net)), "setup"))
+    counter.storages[counter.add(round_size(ddp_buckets(net)), "setup")].role = "gradients"
 
 
 def ddp_buckets(net: Any) -> int:

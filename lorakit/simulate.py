@@ -31,7 +31,7 @@ from typing import Any
 
 from . import per_gpu
 from .accounting import OPTIMIZERS
-from .allocator import CachingAllocator, round_size
+from .allocator import CachingAllocator
 from .batches import sample_batch
 from .errors import SpecError
 from .levers import use_chunked_loss
@@ -197,18 +197,21 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
         checkpoint(net)
     net.train()
     prepare_bitsandbytes(net)
+    def to_fake() -> None:
+        if fake is not None:
+            materialise(net, loaded_dtype=dtype if quant is not None else None, quant_path=quant_path)
+
     with per_gpu.fake_ranks(gpus) if shard else _maybe(None) as mesh, _maybe(fake):
         if shard:  # accelerate shards the model as it moves it to the GPU: only the shards are ever there
-            materialise(net, loaded_dtype=dtype if quant is not None else None, quant_path=quant_path)
+            to_fake()
             net = per_gpu.fsdp2(net, mesh, autocast)
         with counter:
-            if fake is not None and not shard:
-                materialise(net, loaded_dtype=dtype if quant is not None else None, quant_path=quant_path)
+            if not shard:
+                to_fake()
             for tensor in state_tensors(net):
                 counter.track(tensor)
-            if gpus > 1 and not shard:  # DDP's wrap: rank 0's model broadcast in flat buckets, then its own
-                counter.remove(counter.add(round_size(per_gpu.ddp_broadcast(net)), "setup"))
-                counter.storages[counter.add(round_size(per_gpu.ddp_buckets(net)), "setup")].role = "gradients"
+            if gpus > 1 and not shard:
+                per_gpu.ddp_setup(net, counter)
             setup = counter.live
             with cuda_kernels(), without_value_checks(), per_gpu.counted(counter) if shard else _maybe(None), \
                     per_gpu.fake_4bit_gathered() if shard and quant else _maybe(None):
