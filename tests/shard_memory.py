@@ -21,7 +21,7 @@ import lorakit  # noqa: E402
 from lorakit import per_gpu  # noqa: E402
 from lorakit.counting import LiveBytes  # noqa: E402
 from lorakit.materialise import state_tensors  # noqa: E402
-from shard_train import leave_together  # noqa: E402
+from shard_train import fsdp_on_cpu, leave_together  # noqa: E402
 
 PER_DEVICE, SEQ = 2, 128
 
@@ -42,11 +42,8 @@ def main(mode: str) -> None:
         "/tmp/unused", max_steps=2, per_device_train_batch_size=PER_DEVICE, learning_rate=1e-3, save_strategy="no",
         logging_steps=1, seed=0, use_cpu=True, disable_tqdm=True, ddp_backend="gloo", chunked_loss=False,
         **sharding)
-    if mode.startswith("fsdp"):  # as in shard_train.py: accelerate would silently train with DDP on CPU
-        from accelerate.state import PartialState
-        from accelerate.utils import DistributedType
-
-        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+    if mode.startswith("fsdp"):  # accelerate would silently train with DDP on CPU
+        fsdp_on_cpu()
     torch.manual_seed(0)
     ids = torch.randint(0, config().vocab_size, (8 * PER_DEVICE, SEQ))
     data = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})

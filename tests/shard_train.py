@@ -37,6 +37,16 @@ SHARDING = {"single": {}, "zero2": zero(2), "zero3": zero(3),
             "fsdp": {"fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": ["BertLayer"]}}}
 
 
+def fsdp_on_cpu():
+    """accelerate keeps FSDP for accelerator devices: on CPU it silently trains with DDP instead. Relabelling its
+    state as multi-GPU (after the args built it) makes Trainer shard with FSDP2 on CPU and gloo, so that the
+    tests run the code path of a GPU run. Test-only: a run on GPUs needs no such line."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+
+
 def run(out, mode, per_device, adapter, stop_after, resume):
     from test_trainer import token_data
     from transformers import TrainerCallback
@@ -46,13 +56,7 @@ def run(out, mode, per_device, adapter, stop_after, resume):
         save_steps=2, logging_steps=1, seed=0, use_cpu=True, disable_tqdm=True,
         ddp_backend="gloo" if "WORLD_SIZE" in os.environ else None, **SHARDING[mode])
     if mode == "fsdp":
-        # accelerate keeps FSDP for accelerator devices: on CPU it silently trains with DDP instead. Relabelling
-        # its state as multi-GPU (after the args built it) makes Trainer shard with FSDP2 on CPU and gloo, so
-        # that this test runs the code path of a GPU run. Test-only: a run on GPUs needs no such line.
-        from accelerate.state import PartialState
-        from accelerate.utils import DistributedType
-
-        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+        fsdp_on_cpu()
 
     class InOrder(lorakit.LoraTrainer):
         """Same data order in every run: one process shuffles with torch's RandomSampler, several with
