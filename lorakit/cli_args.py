@@ -124,4 +124,4 @@ def _add_gpu_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus", type=int, default=1, help="GPUs training together; figures are per GPU, "
                         "batch sizes per GPU (default 1)")
     parser.add_argument("--shard", choices=["fsdp", "zero2", "zero3"], help="how the GPUs share the model: FSDP2 "
-                        "as Trainer applies it (default with --gpus: data parallel, DDP)")
+                        "as Trainer applies it, or DeepSpeed ZeRO-2/3 (default with --gpus: data parallel, DDP)")

@@ -141,6 +141,14 @@ class LiveBytes(TorchDispatchMode):
         self._refs[key] = weakref.ref(storage, lambda _, k=key, c=cell: self._dead(k, c))
         self._sids[key] = cell
 
+    def elsewhere(self, tensor: torch.Tensor) -> None:
+        """`tensor`'s storage is not on the device (ZeRO-3's whole parameters, which zero.Init partitions as
+        each module is built): seen, never counted, unless `resized` says it holds bytes there after all."""
+        storage = _local(tensor).untyped_storage()
+        cell = [0]
+        self._refs[id(storage)] = weakref.ref(storage, lambda _, k=id(storage), c=cell: self._dead(k, c))
+        self._sids[id(storage)] = cell
+
     def resized(self, tensor: torch.Tensor) -> None:
         """`tensor`'s storage was resized in place (FSDP2 frees and re-allocates its gathered parameters with
         `storage.resize_`, which no op reports): count its new size from now on."""

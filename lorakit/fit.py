@@ -80,7 +80,8 @@ def fit(model: Any, gpu_memory: int | str, *, seq_len: int = 2048, global_batch:
     rest) until one fits, and at that micro-batch the levers it no longer needs are dropped from the top.
     QLoRA's model is loaded as `quant_path` says (see `simulate`). `progress`, if given, is called with a short
     line before each simulated run. `gpus`, `shard`: what fits on each of `gpus` GPUs training together (data
-    parallel, or FSDP2 with shard="fsdp"), each taking `global_batch / gpus` of the global batch."""
+    parallel, FSDP2 with shard="fsdp", DeepSpeed with "zero2" / "zero3"), each taking `global_batch / gpus` of
+    the global batch."""
     per_gpu.check(gpus, shard)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -95,7 +96,7 @@ def fit(model: Any, gpu_memory: int | str, *, seq_len: int = 2048, global_batch:
     lora = lora or Lora(r=16, targets="all-linear")
     quant = quant or Quant(bits=4, compute_dtype="bfloat16")
     specs = {"full": {}, "lora": {"lora": lora}, "qlora": {"lora": lora, "quant": quant, "quant_path": quant_path}}
-    shard_args = {"fsdp": True} if shard == "fsdp" else {}  # training_args keywords
+    shard_args = per_gpu.training_keywords(shard)
     return [_choose(method, specs[method], limit, global_batch // gpus, progress,
                     dict(model=model, task=task, dtype=dtype, attn=attn, optimizer=optimizer, seq_len=seq_len,
                          trust_remote_code=trust_remote_code, gpus=gpus, shard=shard), shard_args)
@@ -124,8 +125,8 @@ def _choose(method: str, spec: dict, limit: int, global_batch: int, progress: An
     for rung in LADDER[1:]:
         if result.device_total <= limit:
             break
-        if rung == "8-bit optimizer" and common["optimizer"] != "adamw":
-            continue
+        if rung == "8-bit optimizer" and (common["optimizer"] != "adamw" or common["shard"] in ("zero2", "zero3")):
+            continue  # DeepSpeed is simulated with the AdamW it partitions
         levers.append(rung)
         result = run(levers, global_batch)
         if rung == "chunked loss" and not result.settings["chunked_loss"]:
@@ -217,7 +218,7 @@ def _compare(model: Any, args: Any, shape: tuple) -> None:
     kind = sharding.kind(args)
     if kind is not None:  # FSDP2 is simulated under a fake process group, which a distributed job cannot open
         logger.info(f"memory check skipped: a {kind} run is simulated in a process of its own "
-                    "(lorakit fit --gpus N --shard fsdp)")
+                    f"(lorakit fit --gpus N --shard {kind})")
         return
     state = state_of(model)
     plan = state.plan if state else None

@@ -15,8 +15,8 @@ DDP holds the whole model on every rank. Wrapping it broadcasts rank 0's paramet
 into buckets of up to 250 MiB (a transient beside the whole model), and allocates its gradient buckets: one
 more copy of the trainable parameters' gradients, kept for the whole run.
 
-DeepSpeed ZeRO is not simulated: its engine allocates through its own partitioned buffers, and a formula would
-be an unverified guess. `simulate` refuses it and names DeepSpeed's own estimator.
+DeepSpeed ZeRO-2 and ZeRO-3 are replayed with DeepSpeed's own engine (`zero_replay`), under the same fake
+process group.
 """
 
 from __future__ import annotations
@@ -41,15 +41,28 @@ def check(gpus: Any, shard: str | None) -> None:
         return
     if shard not in SHARDS:
         raise SpecError(f"unknown shard {shard!r}", hint=f"use one of {', '.join(SHARDS)}, or none for DDP")
-    if shard.startswith("zero"):
-        raise SpecError(f"{shard} is not simulated: DeepSpeed's engine keeps its own partitioned buffers, and "
-                        "lorakit does not guess them",
-                        hint="simulate shard='fsdp' (FSDP2 shards like ZeRO-3), or use DeepSpeed's "
-                        "estimate_zero3_model_states_mem_needs_all_live for the model states")
 
 
 def how(shard: str | None) -> str:
-    return {None: "DDP", "fsdp": "FSDP2 full shard"}[shard]
+    return {None: "DDP", "fsdp": "FSDP2 full shard", "zero2": "DeepSpeed ZeRO-2", "zero3": "DeepSpeed ZeRO-3"}[shard]
+
+
+def training_keywords(shard: str | None) -> dict:
+    """What `lorakit.training_args` needs to train as `shard` (docs/scaling.md's recipes)."""
+    if shard is None:
+        return {}
+    if shard == "fsdp":
+        return {"fsdp": True}
+    return {"deepspeed": {"zero_optimization": {"stage": int(shard[-1])}, "bf16": {"enabled": "auto"},
+                          "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                          "train_batch_size": "auto"}}
+
+
+def arguments(shard: str) -> Any:
+    """The part of TrainingArguments that `sharding.kind` reads, for `shard`."""
+    if shard == "fsdp":
+        return types.SimpleNamespace(fsdp=True, fsdp_config=None)
+    return types.SimpleNamespace(fsdp=None, deepspeed={"zero_optimization": {"stage": int(shard[-1])}})
 
 
 def describe(gpus: int, shard: str | None) -> str:
@@ -94,7 +107,7 @@ def fsdp2(net: Any, mesh: Any, autocast: str | None) -> Any:
 
 
 @contextlib.contextmanager
-def _patched(*patches: tuple[Any, str, Any]) -> Iterator[None]:
+def patched(*patches: tuple[Any, str, Any]) -> Iterator[None]:
     """Each (owner, name, value) set for the duration, the originals put back after."""
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in patches]
     try:
@@ -115,7 +128,7 @@ def _state_dict_without_quant_state() -> Any:
     bnb = sys.modules.get("bitsandbytes")
     if bnb is None:
         return contextlib.nullcontext()
-    return _patched((bnb.nn.Linear4bit, "_save_to_state_dict", torch.nn.Module._save_to_state_dict))
+    return patched((bnb.nn.Linear4bit, "_save_to_state_dict", torch.nn.Module._save_to_state_dict))
 
 
 def counted(counter: Any) -> Any:
@@ -141,7 +154,7 @@ def counted(counter: Any) -> Any:
         return run
 
     group = groups.FSDPParamGroup
-    return _patched((group, "unshard", as_role(group.unshard, "weights")),
+    return patched((group, "unshard", as_role(group.unshard, "weights")),
                     (group, "wait_for_unshard", as_role(group.wait_for_unshard, "weights")),
                     (groups, "foreach_reduce", as_role(groups.foreach_reduce, "gradients")),
                     (params, "alloc_storage", told(params.alloc_storage)),
@@ -179,7 +192,7 @@ def fake_4bit_gathered() -> Any:
         if getattr(module.weight, "quant_state", None) is None:
             module.weight.quant_state = module.quant_state
 
-    return _patched((modules, "fix_4bit_weight_quant_state_from_module", give_state))
+    return patched((modules, "fix_4bit_weight_quant_state_from_module", give_state))
 
 
 def ddp_setup(net: Any, counter: Any) -> None:

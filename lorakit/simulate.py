@@ -26,10 +26,9 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field, replace
-from types import SimpleNamespace
 from typing import Any
 
-from . import per_gpu
+from . import per_gpu, zero_replay
 from .accounting import OPTIMIZERS
 from .allocator import CachingAllocator
 from .batches import sample_batch
@@ -38,11 +37,11 @@ from .levers import use_chunked_loss
 from .materialise import QUANT_PATHS, materialise, prepare_bitsandbytes, state_tensors
 from .memplot import memory_plot
 from .plan import check_init
-from .sharding import SHARDED_HEAD, quant_for
+from .sharding import SHARDED_HEAD, SHARDS_PARAMETERS, quant_for
 from .rebuild import (architecture, build, checkpoint, config_dtype, position_warning, uniform_blocks,
                       with_blocks, without_layerdrop, without_value_checks)
 from .specs import Freeze, Lora, Quant, torch_dtype
-from .training_step import run_steps, step_flops
+from .training_step import optimizer_for, run_steps, step_flops
 from .wrap import wrap
 
 ATTENTION = {"sdpa": "sdpa", "eager": "eager", "flash": "sdpa"}
@@ -113,10 +112,13 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
     (LoraTrainer leaves them in the autocast dtype; see `lorakit.levers`); with chunked_loss=False, the step
     of a plain training loop.
     `gpus`, `shard`: one rank of `gpus` (figures per GPU; `batch_size` is per GPU): data parallel (DDP) when
-    `shard` is None, FSDP2 as Trainer applies it with "fsdp" (`lorakit.per_gpu`).
+    `shard` is None, FSDP2 as Trainer applies it with "fsdp" (`lorakit.per_gpu`), DeepSpeed's engine with
+    "zero2" / "zero3" (`lorakit.zero_replay`; it trains in the autocast dtype, with AdamW).
     """
     check_settings(batch_size, seq_len, attn, optimizer, autocast, steps)
     per_gpu.check(gpus, shard)
+    if shard in zero_replay.STAGES:
+        zero_replay.check(shard, optimizer, autocast)
     if real and gpus > 1:
         raise SpecError("real=True runs one process's step: it cannot hold several GPUs' ranks",
                         hint="compare a sharded simulation with a real torchrun run (tests/test_sharding.py)")
@@ -139,7 +141,9 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
                optimizer=optimizer, autocast=autocast, steps=steps, trust_remote_code=trust_remote_code,
                real=real, quant_path=quant_path, chunked_loss=chunked_loss, activation_offload=activation_offload,
                count_flops=count_flops, peft_input_cast=peft_input_cast, gpus=gpus, shard=shard)
-    blocks = None if real or not extrapolate else uniform_blocks(config, cls, dtype, trust_remote_code, freeze, lora)
+    # ZeRO-3 keeps gathered parameters for reuse within a budget of elements (stage3_max_reuse_distance): what
+    # it keeps is not linear in the blocks, so it is simulated whole
+    blocks = None if real or not extrapolate or shard == "zero3" else uniform_blocks(config, cls, dtype, trust_remote_code, freeze, lora)
     if blocks is None:
         result, ran = _simulate_once(config, **run)
     else:  # identical blocks cost the same: two short models give the slope, exactly (tests/test_simulate.py)
@@ -185,13 +189,13 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
     with torch.device("meta") if not real else _maybe(None):
         net = build(cls, config, dtype, ATTENTION[attn], trust_remote_code)
         ran = getattr(net.config, "_attn_implementation", None) or ATTENTION[attn]
-        if shard:  # 4-bit weights stored in the compute dtype, as LoraTrainer sets it for sharded training
-            quant = quant_for(quant, SimpleNamespace(fsdp=True, fsdp_config=None), net)
+        if shard:  # 4-bit weights stored in the compute dtype where LoraTrainer sets it for sharded training
+            quant = quant_for(quant, per_gpu.arguments(shard), net)
         if lora or freeze or quant:
             net = wrap(net, lora=lora, freeze=freeze, quant=quant, preset=preset)
     if not any(p.requires_grad for p in net.parameters()):
         raise SpecError("nothing in this model is trainable", hint="give a LoRA spec or a freeze spec")
-    chunked, why_not = use_chunked_loss(net, task, chunked_loss, SHARDED_HEAD if shard else None)
+    chunked, why_not = use_chunked_loss(net, task, chunked_loss, SHARDED_HEAD if shard in SHARDS_PARAMETERS else None)
     notes = [f"standard causal-LM loss (LoraTrainer's too): {why_not}"] if why_not else []
     if gradient_checkpointing:
         checkpoint(net)
@@ -201,24 +205,34 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
         if fake is not None:
             materialise(net, loaded_dtype=dtype if quant is not None else None, quant_path=quant_path)
 
-    with per_gpu.fake_ranks(gpus) if shard else _maybe(None) as mesh, _maybe(fake):
-        if shard:  # accelerate shards the model as it moves it to the GPU: only the shards are ever there
-            to_fake()
+    engine, zero = None, shard in zero_replay.STAGES
+    with per_gpu.fake_ranks(gpus) if shard else _maybe(None) as mesh, _maybe(fake), \
+            zero_replay.replayable(net, gpus, counter) if zero else _maybe(None):
+        if shard in SHARDS_PARAMETERS:  # FSDP2 shards the model as accelerate moves it to the GPU, ZeRO-3 as it
+            to_fake()                   # loads (zero.Init): only the shards are ever there
+        if shard == "fsdp":
             net = per_gpu.fsdp2(net, mesh, autocast)
         with counter:
-            if not shard:
+            if shard not in SHARDS_PARAMETERS:
                 to_fake()
-            for tensor in state_tensors(net):
-                counter.track(tensor)
+                for tensor in state_tensors(net):
+                    counter.track(tensor)
+            if zero:  # DeepSpeed trains in the compute dtype, without autocast
+                engine = zero_replay.engine(net, shard, batch_size, gpus, autocast, optimizer_for(net, optimizer),
+                                            counter)
+                autocast = None
+            else:
+                for tensor in state_tensors(net):
+                    counter.track(tensor)
             if gpus > 1 and not shard:
                 per_gpu.ddp_setup(net, counter)
             setup = counter.live
-            with cuda_kernels(), without_value_checks(), per_gpu.counted(counter) if shard else _maybe(None), \
-                    per_gpu.fake_4bit_gathered() if shard and quant else _maybe(None):
+            with cuda_kernels(), without_value_checks(), per_gpu.counted(counter) if shard == "fsdp" else \
+                    _maybe(None), per_gpu.fake_4bit_gathered() if shard and quant else _maybe(None):
                 run_steps(net, inputs, counter, optimizer, autocast, steps, chunked, activation_offload,
-                          autocast is not None and not peft_input_cast)
+                          autocast is not None and not peft_input_cast, engine)
         # a step of its own: FlopCounterMode beside LiveBytes changes what checkpointing keeps
-        flops = step_flops(net, inputs, autocast, chunked) if count_flops else 0
+        flops = step_flops(net, inputs, autocast, chunked, engine) if count_flops else 0
     result = _summarise(counter, setup, "", steps)
     result.settings, result.warnings, result.host_peak = {"chunked_loss": chunked}, notes, counter.host_peak
     result.step_flops = flops

@@ -8,17 +8,19 @@ import contextlib
 import math
 from typing import Any
 
+from . import zero_replay
 from .levers import chunked_loss, offloaded_activations, uncast_lora_inputs
 from .stepping import module_names
 
 
-def _loss(net: Any, inputs: dict, autocast: str | None, chunked: bool, offload: bool) -> Any:
+def _loss(net: Any, inputs: dict, autocast: str | None, chunked: bool, offload: bool, call: Any = None) -> Any:
+    """`call`: what runs the forward, if not `net` itself (DeepSpeed's engine around it)."""
     import torch
 
     with torch.autocast("cpu", dtype=getattr(torch, autocast or "bfloat16"), enabled=autocast is not None), \
             chunked_loss(net, "cuda") if chunked else contextlib.nullcontext(), \
             offloaded_activations() if offload else contextlib.nullcontext():
-        out = net(**inputs)
+        out = (call or net)(**inputs)
         loss = out.loss if getattr(out, "loss", None) is not None else out[0].float().mean()  # no head
         del out  # its logits and cache are Trainer's to drop at once too
     return loss
@@ -41,10 +43,11 @@ def optimizer_for(net: Any, optimizer: str) -> Any:
 
 
 def run_steps(net: Any, batch: dict, counter: Any, optimizer_name: str, autocast: str | None, steps: int,
-               chunked: bool, offload: bool, uncast: bool) -> None:
+               chunked: bool, offload: bool, uncast: bool, engine: Any = None) -> None:
+    """`engine`: DeepSpeed's, around `net` (`zero_replay`); it runs the backward, clipping and the step."""
     import torch
 
-    optimizer = optimizer_for(net, optimizer_name)
+    optimizer = optimizer_for(net, optimizer_name) if engine is None else None
     params = [p for p in net.parameters() if p.requires_grad]
     counter.set_phase(0, "inputs")
     # built before the fake mode (lorakit.batches, small real tensors) and counted as on the device
@@ -56,10 +59,17 @@ def run_steps(net: Any, batch: dict, counter: Any, optimizer_name: str, autocast
     with module_names(net, counter), uncast_lora_inputs(net, uncast):
         for step in range(1, steps + 1):
             counter.set_phase(step, "forward")
-            loss = _loss(net, inputs, autocast, chunked, offload)
+            loss = _loss(net, inputs, autocast, chunked, offload, engine)
             counter.set_phase(step, "backward")
-            loss.backward()
+            loss.backward() if engine is None else engine.backward(loss)
             del loss
+            if engine is not None:
+                counter.set_phase(step, "optimizer")
+                zero_replay.label(engine, counter)
+                engine.step()  # clips, steps and zeroes the gradients
+                zero_replay.label(engine, counter)
+                counter.set_phase(step, "end")
+                continue
             for p in params:
                 if p.grad is not None:
                     counter.storages[counter.storage_id(p.grad)].role = "gradients"
@@ -75,12 +85,13 @@ def run_steps(net: Any, batch: dict, counter: Any, optimizer_name: str, autocast
     counter.set_phase(steps, "done")
 
 
-def step_flops(net: Any, inputs: dict, autocast: str | None, chunked: bool) -> int:
+def step_flops(net: Any, inputs: dict, autocast: str | None, chunked: bool, engine: Any = None) -> int:
     """One step's FLOPs (forward, backward with its recomputation), in a step of its own: FlopCounterMode beside
-    LiveBytes changes what checkpointing keeps."""
+    LiveBytes changes what checkpointing keeps. `engine`: DeepSpeed's, around `net`."""
     counter = step_flop_counter()
     with counter:
-        _loss(net, inputs, autocast, chunked, offload=False).backward()
+        loss = _loss(net, inputs, autocast, chunked, False, engine)
+        loss.backward() if engine is None else engine.backward(loss)
     net.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 

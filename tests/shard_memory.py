@@ -1,10 +1,12 @@
 """Helper for test_sharding: the live bytes of one rank while LoraTrainer trains a causal LM, for real.
 
-usage: shard_memory.py MODES   (fsdp,fsdp-qlora | ddp; run under torchrun, 2 processes, gloo)
+usage: shard_memory.py MODES   (fsdp,fsdp-qlora | ddp,zero2,zero3,zero3-qlora; under torchrun, 2 processes, gloo;
+                                 DDP before DeepSpeed: DeepSpeed's arguments set os.environ for the process)
 Every rank counts what it holds with `counting.LiveBytes` (the counter the simulator uses, here on real
 tensors) from before Trainer wraps the model to the end of 2 training steps, and prints
-(rank 0, for every rank) `PEAK {"mode": m, "rank": r, "peak": bytes, "setup": bytes}`: the most it held during the steps, and what it held when
-the first began. The model is big enough that its weights, not cuBLAS's
+(rank 0, for every rank) `PEAK {"mode": m, "rank": r, "peak": bytes, "setup": bytes, "reserved": bytes}`: the
+most it held during the steps, what it held when the first began, and what CUDA's caching allocator would have
+reserved for those allocations (`lorakit.allocator`'s replay of them). The model is big enough that its weights, not cuBLAS's
 workspaces, decide the figure: 50M parameters in float32.
 """
 
@@ -19,9 +21,11 @@ import torch  # noqa: E402
 
 import lorakit  # noqa: E402
 from lorakit import per_gpu  # noqa: E402
+from lorakit.allocator import CachingAllocator  # noqa: E402
 from lorakit.counting import LiveBytes  # noqa: E402
 from lorakit.materialise import state_tensors  # noqa: E402
-from shard_train import fsdp_on_cpu, leave_together  # noqa: E402
+from lorakit.stepping import replay  # noqa: E402
+from shard_train import fsdp_on_cpu, leave_together, zero  # noqa: E402
 
 PER_DEVICE, SEQ = 2, 128
 
@@ -37,7 +41,8 @@ def main(mode: str) -> None:
     import datasets
     from transformers import LlamaForCausalLM, TrainerCallback
 
-    sharding = {"fsdp": {"fsdp": True}, "fsdp-qlora": {"fsdp": True}, "ddp": {}}[mode]
+    sharding = {"fsdp": {"fsdp": True}, "fsdp-qlora": {"fsdp": True}, "ddp": {}, "zero2": zero(2), "zero3": zero(3),
+                "zero3-qlora": zero(3)}[mode]
     args = lorakit.training_args(
         "/tmp/unused", max_steps=2, per_device_train_batch_size=PER_DEVICE, learning_rate=1e-3, save_strategy="no",
         logging_steps=1, seed=0, use_cpu=True, disable_tqdm=True, ddp_backend="gloo", chunked_loss=False,
@@ -69,17 +74,19 @@ def main(mode: str) -> None:
 
     model = LlamaForCausalLM(config())
     trainer = Counted(model=model, args=args, train_dataset=data, lora=lorakit.Lora(r=8, dropout=0.0),
-                      quant=lorakit.Quant(bits=4) if mode == "fsdp-qlora" else None, callbacks=[Phases()])
+                      quant=lorakit.Quant(bits=4) if mode.endswith("qlora") else None, callbacks=[Phases()])
     trainer.model.train()  # bitsandbytes 0.50 repacks 4-bit weights in eval mode (see shard_train.py)
     with counter:
-        if mode == "ddp":  # DDP trains the model where it is: on a GPU it is there, whole, from the start
+        if mode in ("ddp", "zero2"):  # trained where it is, whole: on a GPU it is there from the start
             for tensor in state_tensors(trainer.model):
                 counter.track(tensor)
-        # FSDP2 shards the model as accelerate moves it to the device: only the shards are ever counted there;
-        # per_gpu.counted tells the counter of the storages FSDP2 resizes in place (no op reports those)
-        with per_gpu.counted(counter) if mode != "ddp" else contextlib.nullcontext():
+        # FSDP2 shards the model as accelerate moves it to the device, ZeRO-3 as it loads (zero.Init): only the
+        # shards are ever counted there; per_gpu.counted tells the counter of the storages FSDP2 resizes in
+        # place (no op reports those)
+        with per_gpu.counted(counter) if mode.startswith("fsdp") else contextlib.nullcontext():
             trainer.train()
     mine = {"mode": mode, "rank": int(os.environ["RANK"]), "peak": counter.peak, "setup": setup["bytes"],
+            "reserved": replay(counter, CachingAllocator())["peak_reserved"],
             "sharded": type(trainer.model_wrapped).__name__}
     every = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(every, mine)  # rank 0 prints them all: two ranks' prints interleave
@@ -88,6 +95,10 @@ def main(mode: str) -> None:
             print("PEAK", json.dumps(seen), flush=True)
 
 if __name__ == "__main__":
+    if "zero" in sys.argv[1]:  # gloo's collectives, not DeepSpeed's CPU op compiled on first use
+        import importlib
+
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     for each in sys.argv[1].split(","):  # several modes of one kind in one launch: fsdp,fsdp-qlora
         main(each)
     leave_together()

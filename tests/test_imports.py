@@ -19,7 +19,7 @@ LAYERS = [
     ["files", "specs", "levers"],
     ["names", "zoo", "allocator", "materialise", "stepping", "gguf_source", "batches", "memplot"],
     ["sharding", "per_gpu"],
-    ["state", "counting", "gguf_families", "llama_cpp"],
+    ["state", "counting", "gguf_families", "llama_cpp", "zero_replay"],
     ["gguf_vocab", "modelfile"],
     ["targeting"],
     ["plan"],
