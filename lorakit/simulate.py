@@ -143,7 +143,8 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
                count_flops=count_flops, peft_input_cast=peft_input_cast, gpus=gpus, shard=shard)
     # ZeRO-3 keeps gathered parameters for reuse within a budget of elements (stage3_max_reuse_distance): what
     # it keeps is not linear in the blocks, so it is simulated whole
-    blocks = None if real or not extrapolate or shard == "zero3" else uniform_blocks(config, cls, dtype, trust_remote_code, freeze, lora)
+    whole = real or not extrapolate or shard == "zero3"
+    blocks = None if whole else uniform_blocks(config, cls, dtype, trust_remote_code, freeze, lora)
     if blocks is None:
         result, ran = _simulate_once(config, **run)
     else:  # identical blocks cost the same: two short models give the slope, exactly (tests/test_simulate.py)
@@ -195,7 +196,8 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
             net = wrap(net, lora=lora, freeze=freeze, quant=quant, preset=preset)
     if not any(p.requires_grad for p in net.parameters()):
         raise SpecError("nothing in this model is trainable", hint="give a LoRA spec or a freeze spec")
-    chunked, why_not = use_chunked_loss(net, task, chunked_loss, SHARDED_HEAD if shard in SHARDS_PARAMETERS else None)
+    head_sharded = SHARDED_HEAD if shard in SHARDS_PARAMETERS else None  # ZeRO-2 keeps lm_head whole
+    chunked, why_not = use_chunked_loss(net, task, chunked_loss, head_sharded)
     notes = [f"standard causal-LM loss (LoraTrainer's too): {why_not}"] if why_not else []
     if gradient_checkpointing:
         checkpoint(net)
@@ -221,7 +223,7 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
                 engine = zero_replay.engine(net, shard, batch_size, gpus, autocast, optimizer_for(net, optimizer),
                                             counter)
                 autocast = None
-            else:
+            elif shard == "fsdp":  # this rank's shards
                 for tensor in state_tensors(net):
                     counter.track(tensor)
             if gpus > 1 and not shard:
