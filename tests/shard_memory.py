@@ -1,7 +1,8 @@
 """Helper for test_sharding: the live bytes of one rank while LoraTrainer trains a causal LM, for real.
 
 usage: shard_memory.py MODES   (fsdp,fsdp-qlora | ddp,zero2,zero3,zero3-qlora; under torchrun, 2 processes, gloo;
-                                 DDP before DeepSpeed: DeepSpeed's arguments set os.environ for the process)
+                                 DDP before DeepSpeed: DeepSpeed's arguments set os.environ for the process;
+                                 a mode ending in -full trains every parameter instead of LoRA r=8)
 Every rank counts what it holds with `counting.LiveBytes` (the counter the simulator uses, here on real
 tensors) from before Trainer wraps the model to the end of 2 training steps, and prints
 (rank 0, for every rank) `PEAK {"mode": m, "rank": r, "peak": bytes, "setup": bytes, "reserved": bytes}`: the
@@ -41,8 +42,7 @@ def main(mode: str) -> None:
     import datasets
     from transformers import LlamaForCausalLM, TrainerCallback
 
-    sharding = {"fsdp": {"fsdp": True}, "fsdp-qlora": {"fsdp": True}, "ddp": {}, "zero2": zero(2), "zero3": zero(3),
-                "zero3-qlora": zero(3)}[mode]
+    sharding = {"fsdp": {"fsdp": True}, "ddp": {}, "zero2": zero(2), "zero3": zero(3)}[mode.split("-")[0]]
     args = lorakit.training_args(
         "/tmp/unused", max_steps=2, per_device_train_batch_size=PER_DEVICE, learning_rate=1e-3, save_strategy="no",
         logging_steps=1, seed=0, use_cpu=True, disable_tqdm=True, ddp_backend="gloo", chunked_loss=False,
@@ -73,11 +73,12 @@ def main(mode: str) -> None:
             return loss
 
     model = LlamaForCausalLM(config())
-    trainer = Counted(model=model, args=args, train_dataset=data, lora=lorakit.Lora(r=8, dropout=0.0),
+    trainer = Counted(model=model, args=args, train_dataset=data,
+                      lora=None if mode.endswith("full") else lorakit.Lora(r=8, dropout=0.0),
                       quant=lorakit.Quant(bits=4) if mode.endswith("qlora") else None, callbacks=[Phases()])
     trainer.model.train()  # bitsandbytes 0.50 repacks 4-bit weights in eval mode (see shard_train.py)
     with counter:
-        if mode in ("ddp", "zero2"):  # trained where it is, whole: on a GPU it is there from the start
+        if mode.split("-")[0] in ("ddp", "zero2"):  # trained where it is, whole: on a GPU it is there from the start
             for tensor in state_tensors(trainer.model):
                 counter.track(tensor)
         # FSDP2 shards the model as accelerate moves it to the device, ZeRO-3 as it loads (zero.Init): only the

@@ -151,7 +151,7 @@ def test_sharded_4bit_storage_is_the_compute_dtype_and_a_conflict_is_refused(tmp
 # ---- per-GPU memory: the simulator against a real two-process run ------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.parametrize("modes", ["fsdp,fsdp-qlora", "ddp,zero2,zero3,zero3-qlora"  # one launch each
+@pytest.mark.parametrize("modes", ["fsdp,fsdp-qlora", "ddp,zero2-full,zero3,zero3-qlora"  # one launch each
                                    if importlib.util.find_spec("deepspeed") else "ddp"])
 def test_simulated_per_gpu_memory_matches_a_real_two_process_run(modes):
     """Each rank of a real LoraTrainer run (torchrun, gloo) counts its own live bytes; the simulator replays one
@@ -160,7 +160,8 @@ def test_simulated_per_gpu_memory_matches_a_real_two_process_run(modes):
     reduce-scatter buffers (LoRA, and QLoRA with its 4-bit weights stored in the compute dtype, unsharded quant
     state on every rank); DDP's broadcast and gradient buckets; DeepSpeed's flat groups, float32 master
     partitions, gradient buckets and ZeRO-3's gathered and kept parameters (the reserved figure too, the
-    allocator's replay of each side's allocations: within 10%)."""
+    allocator's replay of each side's allocations: within 10%). ZeRO-2 trains every parameter here: with LoRA
+    it holds what DDP holds, near enough (384.1 vs 385.0 MB a rank), and the row would check little more."""
     from shard_memory import PER_DEVICE, SEQ, config
 
     from lorakit.simulate import simulate
@@ -175,7 +176,8 @@ def test_simulated_per_gpu_memory_matches_a_real_two_process_run(modes):
         shard = None if mode == "ddp" else mode.split("-")[0]
         wrapper = {None: "DistributedDataParallel", "fsdp": "FSDPPeftModelForCausalLM"}.get(shard, "DeepSpeedEngine")
         assert len(ranks) == 2 and all(r["sharded"] == wrapper for r in ranks)
-        settings = dict(task="causal-lm", lora=lorakit.Lora(r=8, dropout=0.0), dtype="float32", autocast=None,
+        lora = None if mode.endswith("full") else lorakit.Lora(r=8, dropout=0.0)
+        settings = dict(task="causal-lm", lora=lora, dtype="float32", autocast=None,
                         batch_size=PER_DEVICE, seq_len=SEQ, chunked_loss=False,
                         quant=lorakit.Quant(bits=4) if mode.endswith("qlora") else None)
         rank = simulate(config(), gpus=2, shard=shard, **settings)
