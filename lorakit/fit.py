@@ -125,7 +125,7 @@ def _choose(method: str, spec: dict, limit: int, global_batch: int, progress: An
     for rung in LADDER[1:]:
         if result.device_total <= limit:
             break
-        if rung == "8-bit optimizer" and (common["optimizer"] != "adamw" or common["shard"] in ("zero2", "zero3")):
+        if rung == "8-bit optimizer" and (common["optimizer"] != "adamw" or common["shard"] in per_gpu.ZERO_STAGES):
             continue  # DeepSpeed is simulated with the AdamW it partitions
         levers.append(rung)
         result = run(levers, global_batch)
@@ -216,7 +216,8 @@ def _compare(model: Any, args: Any, shape: tuple) -> None:
     import torch
 
     kind = sharding.kind(args)
-    if kind is not None:  # FSDP2 is simulated under a fake process group, which a distributed job cannot open
+    if kind is not None:  # sharded runs are simulated under a fake process group, which a distributed job
+        # cannot open
         logger.info(f"memory check skipped: a {kind} run is simulated in a process of its own "
                     f"(lorakit fit --gpus N --shard {kind})")
         return

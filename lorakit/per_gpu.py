@@ -31,6 +31,7 @@ from .allocator import round_size
 from .errors import SpecError
 
 SHARDS = ("fsdp", "zero2", "zero3")
+ZERO_STAGES = {"zero2": 2, "zero3": 3}  # the shards DeepSpeed does (`zero_replay`), by ZeRO stage
 
 
 def check(gpus: Any, shard: str | None) -> None:
@@ -53,16 +54,15 @@ def training_keywords(shard: str | None) -> dict:
         return {}
     if shard == "fsdp":
         return {"fsdp": True}
-    return {"deepspeed": {"zero_optimization": {"stage": int(shard[-1])}, "bf16": {"enabled": "auto"},
+    return {"deepspeed": {"zero_optimization": {"stage": ZERO_STAGES[shard]}, "bf16": {"enabled": "auto"},
                           "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
                           "train_batch_size": "auto"}}
 
 
 def arguments(shard: str) -> Any:
-    """The part of TrainingArguments that `sharding.kind` reads, for `shard`."""
-    if shard == "fsdp":
-        return types.SimpleNamespace(fsdp=True, fsdp_config=None)
-    return types.SimpleNamespace(fsdp=None, deepspeed={"zero_optimization": {"stage": int(shard[-1])}})
+    """The part of TrainingArguments that `sharding.kind` reads, for `shard`: what `training_keywords` sets."""
+    return types.SimpleNamespace(**{"fsdp": None, "fsdp_config": None, "deepspeed": None,
+                                    **training_keywords(shard)})
 
 
 def describe(gpus: int, shard: str | None) -> str:
@@ -138,15 +138,6 @@ def counted(counter: Any) -> Any:
     gradients (the breakdown's kinds). Reads FSDP2's private names (as of torch 2.13)."""
     from torch.distributed.fsdp._fully_shard import _fsdp_param as params, _fsdp_param_group as groups
 
-    def as_role(function: Any, role: str) -> Any:
-        def run(*args: Any, **kwargs: Any) -> Any:
-            before, counter.role = counter.role, role
-            try:
-                return function(*args, **kwargs)
-            finally:
-                counter.role = before
-        return run
-
     def told(function: Any) -> Any:
         def run(tensor: Any) -> None:
             function(tensor)
@@ -154,12 +145,23 @@ def counted(counter: Any) -> Any:
         return run
 
     group = groups.FSDPParamGroup
-    return patched((group, "unshard", as_role(group.unshard, "weights")),
-                    (group, "wait_for_unshard", as_role(group.wait_for_unshard, "weights")),
-                    (groups, "foreach_reduce", as_role(groups.foreach_reduce, "gradients")),
-                    (params, "alloc_storage", told(params.alloc_storage)),
-                    (params, "free_storage", told(params.free_storage)),
-                    (groups, "alloc_storage", told(groups.alloc_storage)))
+    return patched((group, "unshard", as_role(counter, group.unshard, "weights")),
+                   (group, "wait_for_unshard", as_role(counter, group.wait_for_unshard, "weights")),
+                   (groups, "foreach_reduce", as_role(counter, groups.foreach_reduce, "gradients")),
+                   (params, "alloc_storage", told(params.alloc_storage)),
+                   (params, "free_storage", told(params.free_storage)),
+                   (groups, "alloc_storage", told(groups.alloc_storage)))
+
+
+def as_role(counter: Any, function: Any, role: str) -> Any:
+    """`function`, with what it allocates counted by `counter` as `role` (a kind of the breakdown)."""
+    def run(*args: Any, **kwargs: Any) -> Any:
+        before, counter.role = counter.role, role
+        try:
+            return function(*args, **kwargs)
+        finally:
+            counter.role = before
+    return run
 
 
 DDP_BROADCAST_BUCKET = 250 << 20  # DistributedDataParallel's broadcast_bucket_size

@@ -117,7 +117,7 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
     """
     check_settings(batch_size, seq_len, attn, optimizer, autocast, steps)
     per_gpu.check(gpus, shard)
-    if shard in zero_replay.STAGES:
+    if shard in per_gpu.ZERO_STAGES:
         zero_replay.check(shard, optimizer, autocast)
     if real and gpus > 1:
         raise SpecError("real=True runs one process's step: it cannot hold several GPUs' ranks",
@@ -207,7 +207,7 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
         if fake is not None:
             materialise(net, loaded_dtype=dtype if quant is not None else None, quant_path=quant_path)
 
-    engine, zero = None, shard in zero_replay.STAGES
+    engine, zero = None, shard in per_gpu.ZERO_STAGES
     with per_gpu.fake_ranks(gpus) if shard else _maybe(None) as mesh, _maybe(fake), \
             zero_replay.replayable(net, gpus, counter) if zero else _maybe(None):
         if shard in SHARDS_PARAMETERS:  # FSDP2 shards the model as accelerate moves it to the GPU, ZeRO-3 as it

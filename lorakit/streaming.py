@@ -52,14 +52,18 @@ def _merged_in_rows(module: str, tensor: Any, parts: dict, fan_in_fan_out: bool,
     a, b = parts["lora_A"].float(), parts["lora_B"].float()
     left, right = (a.T, b.T) if fan_in_fan_out else (b, a)  # the update in the weight's layout: left @ right
     if (left.shape[0], right.shape[1]) != tuple(tensor.shape):
-        raise LorakitError(f"adapter layer {module} has shape {(left.shape[0], right.shape[1])} but the base's is "
-                           f"{tuple(tensor.shape)}", hint="this adapter was trained on another base")
+        raise _other_base(module, (left.shape[0], right.shape[1]), tensor.shape)
     out = torch.empty_like(tensor)
     step = max(1, 2**22 // tensor.shape[1])
     for start in range(0, tensor.shape[0], step):
         rows = slice(start, start + step)
         out[rows] = (left[rows] @ right).mul_(scale).add_(tensor[rows].float()).to(tensor.dtype)
     return out
+
+
+def _other_base(module: str, update: tuple, base: tuple) -> LorakitError:
+    return LorakitError(f"adapter layer {module} has shape {tuple(update)} but the base's is {tuple(base)}",
+                        hint="this adapter was trained on another base")
 
 
 def _expert_delta(parts: dict, experts: int, expert: int | None, scale: float, transposed: bool) -> Any:
@@ -220,17 +224,16 @@ def merge_streamed(base_dir: Path, adapter: dict, staging: Path, meta: Any, task
                         weight = _dequantized(weight, adapter)
                     if name in tensors:  # a fused expert tensor, or a router's weight
                         experts = weight.shape[0] if weight.dim() == 3 else 1
-                        rank = lora[module]["lora_A"].shape[0] // experts
-                        delta = _expert_delta(lora[module], experts, None, _scale(adapter["config"], name, rank),
+                        rank = parts["lora_A"].shape[0] // experts
+                        delta = _expert_delta(parts, experts, None, _scale(adapter["config"], name, rank),
                                               bool(layouts[name].get("transposed")))
                         delta = delta if weight.dim() == 3 else delta[0]
                     else:
-                        rank = lora[module].get("lora_A", lora[module].get("lora_embedding_A")).shape[0]
-                        delta = _delta(lora[module], tuple(weight.shape), fan_in_fan_out,
+                        rank = parts.get("lora_A", parts.get("lora_embedding_A")).shape[0]
+                        delta = _delta(parts, tuple(weight.shape), fan_in_fan_out,
                                        _scale(adapter["config"], module, rank))
                     if delta.shape != weight.shape:
-                        raise LorakitError(f"adapter layer {module} has shape {tuple(delta.shape)} but the base's "
-                                           f"is {tuple(weight.shape)}", hint="this adapter was trained on another base")
+                        raise _other_base(module, delta.shape, weight.shape)
                     tensor = delta.add_(weight).to(tensor.dtype)
                     del weight, delta
                     merged.append(module)

@@ -127,7 +127,7 @@ class LoraTrainer(Trainer):
         task = model_task(base)
         if self.label_smoother is not None or self.compute_loss_func is not None:
             own_reason = "a label smoother or compute_loss_func needs the logits"
-        elif sharding.kind(args) in ("fsdp", "zero3"):  # lm_head's weight is gathered only inside its forward
+        elif sharding.kind(args) in sharding.SHARDS_PARAMETERS:  # lm_head's weight is gathered only in its forward
             own_reason = sharding.SHARDED_HEAD
         else:
             own_reason = None

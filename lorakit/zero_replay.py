@@ -27,9 +27,8 @@ from typing import Any, Iterator
 
 from .errors import SpecError
 from .materialise import state_tensors
-from .per_gpu import patched
+from .per_gpu import ZERO_STAGES, as_role, patched
 
-STAGES = {"zero2": 2, "zero3": 3}
 FRESH_GROUPS = ("_WORLD_GROUP", "_DATA_PARALLEL_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_MODEL_PARALLEL_GROUP",
                 "_TENSOR_MODEL_PARALLEL_GROUP", "mpu")
 
@@ -99,14 +98,6 @@ def replayable(net: Any, gpus: int, counter: Any) -> Iterator[None]:
     coordinator = importlib.import_module("deepspeed.runtime.zero.partitioned_param_coordinator")
     groups, backend = importlib.import_module("deepspeed.utils.groups"), importlib.import_module("deepspeed.comm.comm")
     fetch = coordinator.PartitionedParameterCoordinator.fetch_sub_module
-
-    def fetched(self: Any, *args: Any, **kwargs: Any) -> Any:
-        before, counter.role = counter.role, "weights"
-        try:
-            return fetch(self, *args, **kwargs)
-        finally:
-            counter.role = before
-
     for name in ("to", "half", "bfloat16"):  # the model is already where DeepSpeed puts it, in its dtype
         setattr(net, name, lambda *args, **kwargs: net)
     quiet = logging.getLogger("DeepSpeed")
@@ -119,7 +110,8 @@ def replayable(net: Any, gpus: int, counter: Any) -> Iterator[None]:
                         *[(optimizer, "has_overflow", lambda self, *args, **kwargs: False) for optimizer in
                           (modules[0].DeepSpeedZeroOptimizer, modules[1].DeepSpeedZeroOptimizer_Stage3)],
                         (coordinator, "assert_ints_same_as_other_ranks", lambda ints: None),
-                        (coordinator.PartitionedParameterCoordinator, "fetch_sub_module", fetched),
+                        (coordinator.PartitionedParameterCoordinator, "fetch_sub_module",
+                         as_role(counter, fetch, "weights")),
                         # DeepSpeed's process groups, made afresh over this fake group
                         (backend, "cdb", None), *[(groups, name, None) for name in FRESH_GROUPS]):
             yield
@@ -140,7 +132,7 @@ def engine(net: Any, shard: str, batch_size: int, gpus: int, autocast: str | Non
     for tensor in state_tensors(net) if shard == "zero3" else ():
         counter.elsewhere(tensor)
     cast(net, autocast)
-    settings = config(STAGES[shard], batch_size, gpus, autocast, hidden_size(getattr(net, "config", None)))
+    settings = config(ZERO_STAGES[shard], batch_size, gpus, autocast, hidden_size(getattr(net, "config", None)))
     built, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=settings, dist_init_required=False)
     for tensor in state_tensors(net):  # what the model holds now (ZeRO-2: its whole weights, counted already)
         counter.resized(tensor) if shard == "zero3" else counter.track(tensor)
@@ -152,16 +144,10 @@ def label(engine: Any, counter: Any) -> None:
     partitions are optimizer state, like the partition's Adam moments; gradient buckets and partitions are
     gradients; the flat bit16 groups are the trained weights. Read from DeepSpeed's own names (0.19)."""
     import torch
+    from torch.utils._pytree import tree_leaves
 
-    def tensors(value: Any) -> Iterator[Any]:
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, (list, tuple)):
-            for item in value:
-                yield from tensors(item)
-        elif isinstance(value, dict):
-            for item in value.values():
-                yield from tensors(item)
+    def tensors(value: Any) -> list[Any]:
+        return [leaf for leaf in tree_leaves(value) if isinstance(leaf, torch.Tensor)]
 
     zero = engine.optimizer
     for name, value in vars(zero).items():
