@@ -27,7 +27,8 @@ from .load import build_from_config, hub_reachable, package_path, resolve_config
 from .names import adapter_key
 from .specs import torch_dtype
 from .state import Source
-from .streaming import check_finite, merge_streamed, names_line_up
+from .shard_writer import check_finite
+from .streaming import merge_streamed, names_line_up
 from .verify import peft_model
 from .verify_streamed import check_merge, refuse_unchecked
 

@@ -2,7 +2,7 @@
 
 Each tensor is read on its own (so only its pages of the memory-mapped shard
 are resident), gets W + scale·B·A in fp32 if it is a LoRA target, and goes to
-an output buffer written out as a shard every OUTPUT_SHARD_BYTES. Peak memory
+an output buffer written out as a shard every OUTPUT_SHARD_BYTES (`lorakit.shard_writer`). Peak memory
 is about one output shard plus the largest tensor and the adapter, not the
 model. `lorakit.merging` decides when this path applies and verifies it.
 """
@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 from .errors import LorakitError, SpecError
-from .files import write_json_atomic
+from .shard_writer import ShardWriter, checked
 from .specs import torch_dtype
 
 
@@ -153,10 +152,6 @@ def names_line_up(base_dir: Path, meta: Any, adapter: dict) -> bool:
     return not (expected - mapped - set(adapter["full"]))
 
 
-OUTPUT_SHARD_BYTES = 64 * 2**20  # flush written tensors at this size: bounds what is held at once (64 MiB: a
-# verified merge of the 1 GB benchmark stays under half of peft's peak RSS; 128 MiB did not)
-
-
 def merge_streamed(base_dir: Path, adapter: dict, staging: Path, meta: Any, task_config: Any, dtype: str | None,
                    into: str) -> dict:
     """Tensor by tensor: open, merge if it is a LoRA target, buffer, and write the buffer out as an
@@ -174,7 +169,7 @@ def merge_streamed(base_dir: Path, adapter: dict, staging: Path, meta: Any, task
     fan_in_fan_out = bool(adapter["config"].get("fan_in_fan_out"))
     quantized = _quantized_weights(adapter) if into == "dequantized" else set()
     target_dtype = torch_dtype(dtype)
-    writer = _ShardWriter(staging)
+    writer = ShardWriter(staging)
     out_dtype, merged = None, []
     for shard in shard_files(base_dir):
         path = str(base_dir / shard)
@@ -209,7 +204,7 @@ def merge_streamed(base_dir: Path, adapter: dict, staging: Path, meta: Any, task
                     if len(pieces[name]) == experts * parts:
                         pending.pop(name)
                         merged.append(name)
-                writer.add(names.out_key(key, name), _checked(key, tensor, target_dtype))
+                writer.add(names.out_key(key, name), checked(key, tensor, target_dtype))
                 continue
             if name in pending:
                 module = pending.pop(name)
@@ -239,13 +234,13 @@ def merge_streamed(base_dir: Path, adapter: dict, staging: Path, meta: Any, task
                     merged.append(module)
             if name in full:
                 tensor = full.pop(name).to(tensor.dtype)
-            writer.add(name, _checked(name, tensor, target_dtype))
+            writer.add(name, checked(name, tensor, target_dtype))
     if pending:
         missing = sorted(pending.values())
         raise LorakitError(f"the adapter targets {len(missing)} modules the base lacks, e.g. {missing[0]}",
                            hint="this adapter was trained on another base")
     for name, tensor in full.items():  # modules the base checkpoint lacked (a new head)
-        writer.add(name, _checked(name, tensor, target_dtype))
+        writer.add(name, checked(name, tensor, target_dtype))
     writer.close()
     config = task_config
     final_dtype = target_dtype or out_dtype
@@ -268,63 +263,6 @@ def adapter_keys(adapter: dict, meta: Any) -> dict[str, str]:
         for depth, name in enumerate(reversed(order)):
             keys[name] = owner + ".base_layer" * depth
     return keys
-
-
-def check_finite(name: str, tensor: Any) -> None:
-    """peft's safe_merge idea: a merged weight with NaN or Inf fails the merge, naming the layer."""
-    import torch
-
-    # in slices: torch.isfinite of a whole tensor allocates about 1.7x its size (an abs copy and masks)
-    if tensor.is_floating_point() and not all(torch.isfinite(part).all() for part in tensor.reshape(-1).split(2**22)):
-        raise LorakitError(f"merged weight {name} has NaN or Inf values",
-                           hint="the adapter is broken (diverged training?); do not deploy it")
-
-
-def _checked(name: str, tensor: Any, target_dtype: Any) -> Any:
-    check_finite(name, tensor)
-    if target_dtype is not None and tensor.is_floating_point():
-        tensor = tensor.to(target_dtype)
-    return tensor.contiguous()
-
-
-class _ShardWriter:
-    """Writes tensors into model-0000i-of-0000N.safetensors files of about OUTPUT_SHARD_BYTES,
-    then names them and writes the index (or a single model.safetensors) on close."""
-
-    def __init__(self, folder: Path):
-        self.folder, self.buffer, self.size, self.parts, self.total = folder, {}, 0, [], 0
-
-    def add(self, name: str, tensor: Any) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self.size + size > OUTPUT_SHARD_BYTES:  # a large tensor goes out alone, not on top of a full buffer
-            self._flush()
-        self.buffer[name] = tensor
-        self.size += size
-        if self.size >= OUTPUT_SHARD_BYTES:
-            self._flush()
-
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.buffer:
-            return
-        part = self.folder / f".part-{len(self.parts):05d}.safetensors"
-        save_file(self.buffer, str(part), metadata={"format": "pt"})
-        self.parts.append((part, list(self.buffer)))
-        self.total += self.size
-        self.buffer, self.size = {}, 0
-
-    def close(self) -> None:
-        self._flush()
-        count = len(self.parts)
-        weight_map = {}
-        for number, (part, names) in enumerate(self.parts, start=1):
-            file = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
-            os.replace(part, self.folder / file)
-            weight_map.update(dict.fromkeys(names, file))
-        if count > 1:
-            write_json_atomic(self.folder / "model.safetensors.index.json",
-                              {"metadata": {"total_size": self.total}, "weight_map": weight_map})
 
 
 def _quantized_weights(adapter: dict) -> set[str]:

@@ -17,7 +17,7 @@ LAYERS = [
     ["errors", "console"],
     ["serving_rules"],
     ["files", "specs", "levers"],
-    ["names", "zoo", "allocator", "materialise", "stepping", "gguf_source", "batches", "memplot"],
+    ["names", "zoo", "allocator", "materialise", "stepping", "gguf_source", "batches", "memplot", "shard_writer"],
     ["sharding", "per_gpu"],
     ["state", "counting", "gguf_families", "llama_cpp", "zero_replay"],
     ["gguf_vocab", "modelfile"],

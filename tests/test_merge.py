@@ -56,7 +56,7 @@ ARCHS = {"bert": dict(r=4), "gpt2": dict(r=4, targets="attention"), "resnet": di
 def test_streamed_merge_equals_peft_merge_and_is_plain_transformers(arch, tmp_path, monkeypatch):
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("lorakit.streaming"), "OUTPUT_SHARD_BYTES", 8000)  # several shards
+    monkeypatch.setattr(importlib.import_module("lorakit.shard_writer"), "OUTPUT_SHARD_BYTES", 8000)  # several shards
     adapter = make_adapter(arch, tmp_path, ARCHS[arch])
     report = lorakit.merge(tmp_path / "base", adapter, tmp_path / "merged")
     # ViT checkpoints keep legacy names that transformers 5 renames on load: the stream renames them as it does
@@ -247,8 +247,8 @@ def dying(*a, **k):
     return real(*a, **k)
 st.save_file = dying
 import lorakit
-import lorakit.streaming
-lorakit.streaming.OUTPUT_SHARD_BYTES = 4000  # several output shards, so the kill lands between two
+import lorakit.shard_writer
+lorakit.shard_writer.OUTPUT_SHARD_BYTES = 4000  # several output shards, so the kill lands between two
 lorakit.merge({str(tmp_path / 'base')!r}, {str(adapter)!r}, {str(tmp_path / 'merged')!r})
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
