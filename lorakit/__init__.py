@@ -8,10 +8,16 @@ evaluate or matplotlib: each is imported where it is used.
 
 import logging as _logging
 
-# bitsandbytes logs, on every import on a CPU with AVX-512 BF16, that an optional kernels package is missing;
-# its own CPU code runs instead. Not a problem of the user's: kept out of their output.
+# bitsandbytes asks the `kernels` package, on every import on a CPU with AVX-512 BF16, for an optional kernel from
+# the Hub, and logs when it cannot have it (offline, or not cached), and `kernels` logs that it skipped the publisher
+# check offline; bitsandbytes' own CPU code runs instead. Not a problem of the user's: kept out of their output.
 _logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
     lambda record: "gemm_4bit_forward from kernels-community" not in record.getMessage())
+_logging.getLogger("kernels._internals.hf_hub").addFilter(
+    lambda record: "Skipping publisher trust check for 'kernels-community/" not in record.getMessage())
+# DeepSpeed, imported by transformers as a model loads wherever it is installed, prints to stdout that a machine
+# without a GPU gets its CPU accelerator: true of every CPU machine, and nothing to act on.
+_logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
 
 from .errors import (
     AlreadyWrappedError,

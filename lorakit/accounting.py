@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .names import adaptable_kind, module_kind, out_features, peft_role, under
+from .names import adaptable_kind, module_kind, out_features, peft_role, shape_of, under
 from .plan import Plan
 from .specs import Quant
 
@@ -104,15 +104,16 @@ def real_records(model: Any) -> list[Record]:
 
 
 def lora_sizes(module: Any, r: int) -> list[int]:
-    """Parameter counts of peft's lora_A and lora_B for this layer."""
-    weight = module.weight
+    """Parameter counts of peft's lora_A and lora_B for this layer (from its weight's real shape, a 4-bit
+    one's included)."""
+    shape = shape_of(module.weight)
     kind = adaptable_kind(module)
     if kind == "Conv2d":
-        out_ch, in_ch, kh, kw = weight.shape
+        out_ch, in_ch, kh, kw = shape
         return [r * in_ch * kh * kw, out_ch * r]
     if kind == "Embedding":
         return [r * module.num_embeddings, module.embedding_dim * r]
-    in_f, out_f = (weight.shape[0], weight.shape[1]) if kind == "Conv1D" else (weight.shape[1], weight.shape[0])
+    in_f, out_f = (shape[0], shape[1]) if kind == "Conv1D" else (shape[1], shape[0])
     return [r * in_f, out_f * r]
 
 
@@ -121,12 +122,14 @@ def planned_records(model: Any, plan: Plan) -> list[Record]:
     lora, quant = plan.lora, plan.quant
     quantized, trainable, targets = set(plan.quantized), set(plan.trainable), set(plan.target_names)
     modules = dict(model.named_modules())
+    # A model loaded quantized: full fine-tuning would hold its quantized weights in the other weights' dtype.
+    float_element = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
     records = []
     for name, param in model.named_parameters():  # tied weights once, as peft counts them
         module_path, _, leaf = name.rpartition(".")
         module = modules[module_path]
-        element = param.element_size()
-        numel = param.numel()
+        element = param.element_size() if param.is_floating_point() else float_element
+        numel = math.prod(shape_of(param))
         is_quantized = module_path in quantized and leaf == "weight"
         weight_bytes = quantized_bytes(numel, out_features(module), quant) if is_quantized else numel * element
         trains = name in trainable
@@ -134,7 +137,7 @@ def planned_records(model: Any, plan: Plan) -> list[Record]:
             trains = True
         in_copy = lora is not None and under(module_path, plan.trained_in_full)
         records.append(Record(module_path, module_kind(module), numel, weight_bytes, element,
-                              trains and not in_copy, "base", numel * param.element_size()))
+                              trains and not in_copy, "base", numel * element))
         if in_copy:  # peft keeps the original (frozen) and trains a copy
             records.append(Record(module_path, module_kind(module), numel, numel * element, element, True, "copy"))
     for target in plan.targets:

@@ -189,17 +189,24 @@ def load_trained(model: Any, folder: Path) -> None:
 
 
 def load_adapter(model: Any, folder: str | Path, *, is_trainable: bool = False) -> Any:
-    """Put a lorakit adapter onto its base model, after checking files and base. Returns the model to use
-    (a `peft.PeftModel` for a LoRA adapter)."""
+    """Put an adapter onto its base model, after checking files and base. Returns the model to use
+    (a `peft.PeftModel` for a LoRA adapter). An adapter plain peft saved (no lorakit manifest) loads as peft
+    loads it; with no fingerprint to compare, its base is checked by peft's shapes only."""
     folder = Path(folder)
     refuse_pickled(folder)
-    manifest = verify(folder, model)
+    plain_peft = (folder / "adapter_config.json").is_file() and not (folder / MANIFEST).is_file()
+    manifest = None if plain_peft else verify(folder, model)
     if (folder / "adapter_config.json").is_file():
         from peft import PeftModel
         from safetensors import safe_open
 
-        with quiet_peft(as_written=written_by_lorakit(saved_plan(manifest))):
-            model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+        try:
+            with quiet_peft(as_written=written_by_lorakit(saved_plan(manifest))):
+                model = PeftModel.from_pretrained(model, str(folder), is_trainable=is_trainable)
+        except (RuntimeError, ValueError, KeyError) as exc:  # peft's size mismatch, missing module, bad file
+            raise LorakitError(f"{folder} does not load onto this {type(model).__name__}: "
+                               f"{str(exc).splitlines()[0][:300]}",
+                               hint="load it onto the base it was trained on") from None
         with safe_open(str(folder / "adapter_model.safetensors"), "pt") as handle:
             saved = set(handle.keys())
         from peft import get_peft_model_state_dict

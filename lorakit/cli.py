@@ -131,9 +131,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if check and "max_abs_logit_difference" in check:
         print(f"verified: max |logit difference| {check['max_abs_logit_difference']:.2e} "
               f"(tolerance {check['tolerance']:.0e})")
-        if "quantization_gap" in check:
+        gap = check.get("quantization_gap")
+        if gap and gap["max_abs_logit_difference"] is not None:
             print(f"quantization cost: adapter on its quantized base vs merged full precision: "
-                  f"{check['quantization_gap']['max_abs_logit_difference']:.3g}")
+                  f"{gap['max_abs_logit_difference']:.3g}")
+        elif gap:
+            print(f"quantization cost: not measured ({gap['not_measured']})")
     elif check:
         print(f"logits check {check['logits_check']} (--verify-logits runs it)")
     if done["gguf"]:

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .errors import LorakitError, ModelNotFoundError, SpecError, closest
+from .errors import LorakitError, ModelNotFoundError, QuantizationError, SpecError, closest
 from .gguf_source import gguf_checkpoint
 from .names import task_of_class
 from .plan import make_plan
@@ -190,8 +190,10 @@ def build_from_config(config: Any, task: str | None = None, *, meta: bool = Fals
     if dtype is not None:
         kwargs["dtype"] = torch_dtype(dtype)
     try:
-        if meta:
-            with torch.device("meta"):
+        if meta:  # no weights to partition: transformers' own switch keeps DeepSpeed's zero.Init out (ZeRO-3 runs)
+            from transformers.modeling_utils import set_zero3_state
+
+            with torch.device("meta"), set_zero3_state():
                 return cls.from_config(config, **kwargs)
         return cls.from_config(config, **kwargs)
     except (ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:  # RuntimeError: bad dimensions
@@ -237,20 +239,25 @@ def load(model: str | os.PathLike, *, task: str | None = None, quant: Quant | st
     if source.kind in ("hub", "zoo") and not hub_reachable():
         kwargs.setdefault("local_files_only", True)  # the cache only, without ~25 s of retries
         kwargs.setdefault("adapter_kwargs", {"local_files_only": True})  # the Auto classes' own adapter probe
+    if quant is not None and getattr(config, "quantization_config", None) is not None:
+        raise QuantizationError(f"{where} was saved quantized already; quant=... would not change what loads",
+                                hint="drop quant=... to load it as saved, or load its full-precision checkpoint "
+                                     "with quant=...")
     if quant is not None:
         require_bitsandbytes()
         skeleton = build_from_config(config, task, meta=True, trust_remote_code=trust_remote_code)
         # the same skip list wrap(quant=...) uses: both give identical layers
         kwargs["quantization_config"] = bnb_config(quant, make_plan(skeleton, quant=quant).quant_skipped,
                                                    torch_dtype(dtype) or _config_dtype(config))
-        kwargs["device_map"] = device_map if device_map is not None else _default_device()
+        if device_map is not None or not _zero3():  # ZeRO-3 places the weights itself, and refuses a device_map
+            kwargs["device_map"] = device_map if device_map is not None else _default_device()
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
         with _without_load_report():
             loaded, info = auto_class(task).from_pretrained(where, **kwargs)
     except Exception as exc:  # noqa: BLE001 - sorted into user mistakes and bugs by _loading_error
-        error = _loading_error(source, where, exc)
+        error = _loading_error(source, where, exc, getattr(config, "quantization_config", None) is not None)
         if error is exc:
             raise
         raise error from None
@@ -263,17 +270,25 @@ def load(model: str | os.PathLike, *, task: str | None = None, quant: Quant | st
 @contextlib.contextmanager
 def _without_load_report() -> Iterator[None]:
     """transformers logs a LOAD REPORT table whenever a checkpoint lacks weights (a new head); lorakit
-    records those keys and trains them, and says so in one line (`_log_loading`) instead."""
+    records those keys and trains them, and says so in one line (`_log_loading`) instead. Its progress bar shows
+    on a terminal only: in a log or a pipe it is a line of noise per load."""
+    from transformers.utils import logging as hf_logging
+
     log = logging.getLogger("transformers.modeling_utils")
 
     def keep(record: logging.LogRecord) -> bool:
         return "LOAD REPORT" not in record.getMessage()
 
     log.addFilter(keep)
+    switched_off = hf_logging.is_progress_bar_enabled() and not sys.stderr.isatty()
+    if switched_off:
+        hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         log.removeFilter(keep)
+        if switched_off:
+            hf_logging.enable_progress_bar()
 
 
 def _log_loading(name: str, info: dict) -> None:
@@ -287,11 +302,17 @@ def _log_loading(name: str, info: dict) -> None:
                        unexpected[0])
 
 
-def _loading_error(source: Source, where: str, exc: Exception) -> Exception:
-    """A user-facing error for a failed from_pretrained, or the exception itself if it is a bug."""
+def _loading_error(source: Source, where: str, exc: Exception, quantized: bool) -> Exception:
+    """A user-facing error for a failed from_pretrained, or the exception itself if it is a bug. `quantized`:
+    the checkpoint was saved quantized, which transformers reads back for some families only."""
     if type(exc).__name__ == "SafetensorError":
         return LorakitError(f"the weights of {where} are corrupt or truncated ({exc})",
                             hint="re-save or re-download the model; lorakit reads safetensors only")
+    if quantized and not isinstance(exc, OSError):
+        return LorakitError(f"transformers cannot load the quantized checkpoint {where}: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:200]}",
+                            hint="load its full-precision checkpoint with lorakit.load(path, quant=...), which "
+                                 "quantizes as it loads")
     if not isinstance(exc, OSError):
         return exc
     if source.kind == "zoo":
@@ -307,6 +328,12 @@ def _config_dtype(config: Any) -> Any:
 
     value = getattr(config, "dtype", None)
     return value if isinstance(value, torch.dtype) else None
+
+
+def _zero3() -> bool:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
 
 
 def _default_device() -> str:

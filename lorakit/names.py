@@ -111,10 +111,30 @@ def module_kind(module: Any) -> str:
     return "Norm" if is_norm(module) else type(module).__name__
 
 
+def shape_of(param: Any) -> tuple[int, ...]:
+    """A parameter's shape as its layer uses it, never its storage's: bitsandbytes packs a 4-bit weight into
+    bytes ([n/2, 1]) and keeps the real shape in its quant state; ZeRO-3 leaves an empty tensor in place of
+    each parameter (the full shape is ds_shape)."""
+    state = getattr(param, "quant_state", None)
+    if state is not None:
+        return tuple(state.shape)
+    return tuple(getattr(param, "ds_shape", None) or param.shape)
+
+
+def bnb_bits(module: Any) -> int | None:
+    """8 or 4 for a bitsandbytes layer (Linear8bitLt, Linear4bit: told by their weight's class, so that it needs
+    no bitsandbytes import), None for anything else."""
+    import torch
+
+    if not isinstance(module, torch.nn.Linear):
+        return None
+    return {"Int8Params": 8, "Params4bit": 4}.get(type(module.weight).__name__)
+
+
 def out_features(module: Any) -> int:
     """Output features of a Linear/Conv1D weight (Conv1D stores its weight transposed)."""
-    weight = module.weight
-    return weight.shape[1] if adaptable_kind(module) == "Conv1D" else weight.shape[0]
+    shape = shape_of(module.weight)
+    return shape[1] if adaptable_kind(module) == "Conv1D" else shape[0]
 
 
 def output_embedding_names(model: Any) -> set[str]:

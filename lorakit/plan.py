@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import QuantizationError, SpecError, TargetError
-from .names import (adaptable_kind, expert_tensors, is_norm, outermost, output_embedding_names, suffix_match,
-                    task_of_class, under)
+from .names import (adaptable_kind, bnb_bits, expert_tensors, is_norm, outermost, output_embedding_names,
+                    suffix_match, task_of_class, under)
 from .specs import REWRITES_BASE, Freeze, Lora, Quant, spec_dict
-from .state import is_quantized, source_of
+from .state import loaded_quant, source_of
 from .targeting import (candidates, did_you_mean, in_blocks, left_out, parameter_target_rules, pattern_value,
                         resolve_targets, tied_layers)
 from .zoo import Preset, block_of, find_block_lists, preset_for, ruled_modules
@@ -51,13 +51,14 @@ class Plan:
     targets: tuple[Target, ...]
     trained_in_full: tuple[str, ...]      # modules: heads, the head path, Lora.train_fully (peft modules_to_save)
     trainable: tuple[str, ...]            # base parameters trained in full (never a quantized weight)
-    quantized: tuple[str, ...]            # modules bitsandbytes replaces
+    quantized: tuple[str, ...]            # modules bitsandbytes replaces (or replaced, in a model loaded quantized)
     quant_skipped: tuple[str, ...]        # module names kept in full precision (bitsandbytes' skip list)
     skipped: tuple[tuple[str, str], ...]  # (module, why) for candidates left out
     defaults: tuple[tuple[str, Any, str], ...]  # (knob, value, where the value came from)
     block_lists: tuple[str, ...]
     heads: tuple[str, ...]                # heads and output embeddings, for grouping a report
     embeddings: tuple[str, ...]
+    dequantized: tuple[str, ...] = ()     # 8/4-bit layers of a model loaded quantized that train in full (heads)
 
     @property
     def target_names(self) -> list[str]:
@@ -194,6 +195,31 @@ def _quantized(model: Any, skip: list[str]) -> list[str]:
     return names
 
 
+def _as_loaded(model: Any, loaded: Quant, full: list[str],
+               ruled: dict) -> tuple[Quant, list[str], dict[str, str], list[str]]:
+    """A model that arrived quantized, as it is: (the Quant, which names the Linear / Conv1D layers its loader
+    kept in full precision, so that `load(path, quant=plan.quant)` rebuilds the same layers; its bitsandbytes
+    layers; the layers in full precision, with why; the 8/4-bit layers that wrap dequantizes: those trained in
+    full (transformers quantizes a new classification head with the rest, and a head must learn) and those
+    that cannot work quantized, as wrap(quant=...) keeps them)."""
+    import torch
+
+    why: dict[str, str] = {}
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear or adaptable_kind(module) == "Conv1D":
+            why[name] = "kept in full precision by the quantization the model was loaded with"
+    kept = list(why)
+    quantized = [n for n, m in model.named_modules() if bnb_bits(m)]
+    for name in quantized:
+        if under(name, full):
+            why[name] = "loaded 8/4-bit, and trained in full: wrap dequantizes it (transformers' dequantization)"
+        elif name in ruled and not ruled[name].quantize:
+            why[name] = f"loaded 8/4-bit; wrap dequantizes it, as it cannot work quantized: {ruled[name].reason}"
+    dequantized = [n for n in quantized if n in why]
+    return (dataclasses.replace(loaded, skip_modules=kept), [n for n in quantized if n not in why], why,
+            dequantized)
+
+
 def _resolved(lora: Lora, preset: Preset) -> tuple[Lora, list[tuple[str, Any, str]]]:
     """`lora` with every unset knob filled in (the user's value, else the preset's `recommended`, else lorakit's
     fallback), and where each value came from. An alpha from the preset keeps the preset's alpha/r ratio."""
@@ -286,8 +312,13 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
               quant: Quant | str | None = None, preset: str | None = None) -> Plan:
     """Decide what `lora`, `freeze` and `quant` do to `model` (real or on the meta device). Changes nothing."""
     lora, freeze, quant = Lora.coerce(lora), Freeze.coerce(freeze), Quant.coerce(quant)
+    loaded = loaded_quant(model)
+    if quant is not None and loaded is not None:
+        raise QuantizationError("this model is already quantized",
+                                hint="drop quant=... (the Plan takes the model's own 8/4-bit layers as they are), "
+                                     "or start from the full-precision model")
     if lora is not None:
-        check_init(lora, quant, is_quantized(model))
+        check_init(lora, quant, loaded is not None)
     chosen = preset_for(model, preset)
     block_lists = find_block_lists(model, chosen)
     defaults: list[tuple[str, Any, str]] = []
@@ -320,13 +351,15 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
     adapted = {t.name.rpartition(".")[0] if t.parameter else t.name for t in targets}
     trainable = {n: t and not under(n.rpartition(".")[0], adapted) for n, t in trainable.items()}
     quantized: list[str] = []
+    dequantized: list[str] = []
     quant_skips: dict[str, str] = {}
     if quant is not None:
-        if is_quantized(model):
-            raise QuantizationError("this model is already quantized",
-                                    hint="drop quant=..., or start from the full-precision model")
         quant_skips = _quant_skips(model, quant, full, ruled)
         quantized = _quantized(model, sorted(quant_skips))
+    elif loaded is not None:
+        quant, quantized, quant_skips, dequantized = _as_loaded(model, loaded, full, ruled)
+        defaults.append(("quant", spec_dict(quant), "the model as loaded (its bitsandbytes layers)"))
+    if quant is not None:
         skipped += sorted(quant_skips.items())
         skipped += [(f"{n}.{p}", "fused expert tensor: bitsandbytes quantizes Linear layers only, so it stays in "
                                  "full precision (counted so by report and simulate)")
@@ -342,4 +375,4 @@ def make_plan(model: Any, lora: Lora | dict | int | None = None, freeze: Freeze 
                 trainable=tuple(n for n, t in trainable.items() if t), quantized=tuple(quantized),
                 quant_skipped=tuple(sorted(quant_skips)), skipped=tuple(skipped), defaults=tuple(defaults),
                 block_lists=tuple(block_lists), heads=tuple(sorted(set(full) | (output & set(modules)))),
-                embeddings=tuple(embeddings))
+                embeddings=tuple(embeddings), dequantized=tuple(dequantized))

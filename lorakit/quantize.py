@@ -105,3 +105,23 @@ def quantize(model: Any, plan: Plan) -> tuple[Any, dict[str, tuple[Any, Any]]]:
         param.requires_grad_(False)
     factors = {name: pair for name, pair in loftq.items() if isinstance(pair[0], torch.Tensor)}
     return model, factors
+
+
+def dequantize(model: Any, names: tuple[str, ...] | list[str]) -> None:
+    """Turn the bitsandbytes layers `names` of a model loaded quantized back into plain Linear layers, in the
+    dtype of the model's other weights, with transformers' own dequantization (`dequantize_bnb_weight`)."""
+    import torch
+    from transformers.integrations.bitsandbytes import dequantize_bnb_weight
+
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for name in names:
+        layer = model.get_submodule(name)
+        weight = dequantize_bnb_weight(layer.weight, getattr(layer, "state", None)).to(dtype)
+        plain = torch.nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                                device=weight.device, dtype=dtype)
+        with torch.no_grad():
+            plain.weight.copy_(weight)
+            if layer.bias is not None:
+                plain.bias.copy_(layer.bias)
+        plain.train(layer.training)
+        model.set_submodule(name, plain)

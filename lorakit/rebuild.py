@@ -10,9 +10,10 @@ import warnings
 from collections.abc import Iterator
 from typing import Any
 
-from .errors import LorakitError
+from .errors import LorakitError, SpecError
 from .load import auto_class, check_task, resolve_config, task_from_config, with_architectures
-from .plan import model_task
+from .plan import make_plan, model_task
+from .state import state_of
 
 
 def uniform_blocks(config: Any, cls: Any, dtype: Any, trust_remote_code: bool, freeze: Any, lora: Any) -> int | None:
@@ -59,6 +60,22 @@ def architecture(model: Any, task: str | None, trust_remote_code: bool) -> tuple
     config, source = resolve_config(model, trust_remote_code=trust_remote_code)
     task = task or task_from_config(config)
     return config, auto_class(task), source.id, task
+
+
+def specs_of(model: Any, lora: Any, freeze: Any, quant: Any, preset: str | None) -> tuple[Any, Any, Any, Any]:
+    """(lora, freeze, quant, preset) to simulate: a model in memory brings its own. A wrapped one, its Plan's
+    (a spec given beside it is refused, as `report` refuses it); one loaded quantized, the Quant of its
+    bitsandbytes layers, as its Plan says."""
+    if not hasattr(model, "named_parameters"):
+        return lora, freeze, quant, preset
+    state = state_of(model)
+    if state is None:
+        return lora, freeze, quant or make_plan(model, quant=quant).quant, preset
+    if lora or freeze or quant:
+        raise SpecError("this model is already wrapped; its own spec is simulated",
+                        hint="pass the unwrapped model (or a config) to simulate other specs")
+    plan = state.plan
+    return plan.lora, plan.freeze, plan.quant, plan.preset
 
 
 def build(cls: Any, config: Any, dtype: Any, attn: str, trust_remote_code: bool) -> Any:

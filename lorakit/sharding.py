@@ -4,7 +4,7 @@ What lorakit sets for them, and nothing else:
   * `kind(args)`: the sharding TrainingArguments ask for: "fsdp" (FSDP2 only), "zero2", "zero3" or None;
   * `quant_for` / `check_storage`: a 4-bit model whose parameters are sharded stores its packed weights in the
     compute dtype (bitsandbytes `quant_storage`), since FSDP and ZeRO-3 shard every parameter alike;
-  * `full_value` / `shape_of`: one parameter in full on every rank (a collective), for the base fingerprint;
+  * `full_value`: one parameter in full on every rank (a collective), for the base fingerprint;
   * `gather_trainable`: the trained tensors in full, for an adapter-only checkpoint (every rank takes part,
     rank 0 writes); `load_trainable`: the same tensors put back into a sharded model on resume;
   * `trainable_digest` / `unchanged`: what the first DeepSpeed step changed, for LoraTrainer's gradient check;
@@ -110,11 +110,6 @@ def check_storage(model: Any, args: Any) -> None:
         raise LorakitError(f"{kind(args)} shards every parameter, but this 4-bit model stores its packed weights "
                            f"as {', '.join(sorted(str(d).removeprefix('torch.') for d in wrong))}",
                            hint=_storage_hint(compute))
-
-
-def shape_of(param: Any) -> tuple[int, ...]:
-    """The full shape: ZeRO-3 leaves an empty tensor in place of each parameter (the full one is ds_shape)."""
-    return tuple(getattr(param, "ds_shape", None) or param.shape)
 
 
 def full_value(param: Any) -> Any:

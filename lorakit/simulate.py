@@ -38,7 +38,7 @@ from .materialise import QUANT_PATHS, materialise, prepare_bitsandbytes, state_t
 from .memplot import memory_plot
 from .plan import check_init
 from .sharding import SHARDED_HEAD, SHARDS_PARAMETERS, quant_for
-from .rebuild import (architecture, build, checkpoint, config_dtype, position_warning, uniform_blocks,
+from .rebuild import (architecture, build, checkpoint, config_dtype, position_warning, specs_of, uniform_blocks,
                       with_blocks, without_layerdrop, without_value_checks)
 from .specs import Freeze, Lora, Quant, torch_dtype
 from .training_step import optimizer_for, run_steps, step_flops
@@ -128,6 +128,7 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
     if quant_path not in QUANT_PATHS:
         raise SpecError(f"unknown quant_path {quant_path!r}", hint=f"use one of {', '.join(QUANT_PATHS)}")
     lora, freeze, quant = Lora.coerce(lora), Freeze.coerce(freeze), Quant.coerce(quant)
+    lora, freeze, quant, preset = specs_of(model, lora, freeze, quant, preset)
     if lora is not None and lora.init != "default":  # how adapters start costs no memory in a training step
         check_init(lora, quant)
         lora = replace(lora, init="default")
@@ -186,6 +187,8 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
     inputs = sample_batch(config, task, batch_size=batch_size, seq_len=seq_len)
     counter = LiveBytes()
     fake = FakeTensorMode(allow_non_fake_inputs=True) if not real else None
+    if fake is not None:  # fake inputs: transformers then skips its checks that read values (it sees a trace)
+        inputs = {k: fake.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     torch.manual_seed(0)
     with torch.device("meta") if not real else _maybe(None):
         net = build(cls, config, dtype, ATTENTION[attn], trust_remote_code)

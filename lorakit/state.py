@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 import math
-import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .names import base_name
-from .sharding import full_value, shape_of
+from .errors import QuantizationError
+from .names import base_name, bnb_bits, shape_of
+from .sharding import full_value
+from .specs import Quant
 
 if TYPE_CHECKING:
     from .plan import Plan
@@ -93,16 +93,52 @@ def fingerprint(model: Any) -> dict:
 
 
 def is_quantized(model: Any) -> bool:
-    """Loaded or wrapped with 8/4-bit bitsandbytes layers (asks bitsandbytes only if it is imported)."""
+    """Loaded or wrapped with 8/4-bit bitsandbytes layers, or quantized by another of transformers' methods."""
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         return True
     if getattr(model, "hf_quantizer", None) is not None:
         return True
-    if importlib.util.find_spec("bitsandbytes") is None or "bitsandbytes" not in sys.modules:
-        return False
-    import bitsandbytes as bnb
+    return any(bnb_bits(m) for m in model.modules())
 
-    return any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in model.modules())
+
+def loaded_quant(model: Any) -> Quant | None:
+    """The `Quant` a model already quantized by bitsandbytes holds (`load(quant=...)`, `from_pretrained(
+    quantization_config=BitsAndBytesConfig(...))`, a quantized checkpoint loaded again), read from its layers
+    themselves, whatever config they came from; None for a model with no bitsandbytes layer."""
+    layers = [m for m in model.modules() if bnb_bits(m)]
+    if not layers:
+        if not is_quantized(model):
+            return None
+        method = getattr(getattr(getattr(model, "hf_quantizer", None), "quantization_config", None),
+                         "quant_method", None)
+        method = getattr(method, "value", method)  # transformers' QuantizationMethod enum: "bitsandbytes", ...
+        if method == "bitsandbytes":  # Falcon's FalconLinear layers, say: subclasses transformers does not replace
+            raise QuantizationError("this model was loaded with a bitsandbytes quantization_config, but none of its "
+                                    "layers is quantized: transformers replaces plain nn.Linear and Conv1D layers "
+                                    "only", hint="load it without quantization_config and train it in bf16")
+        raise QuantizationError(f"this model is quantized{f' by {method}' if method else ''}, and lorakit counts, "
+                                "trains and merges bitsandbytes 8/4-bit layers only",
+                                hint="load it in full precision, or with lorakit.load(path, quant='4bit')")
+    kinds = {_quant_kind(m) for m in layers}
+    if len(kinds) > 1:
+        raise QuantizationError(f"this model's bitsandbytes layers are quantized in {len(kinds)} different ways "
+                                f"({'; '.join(sorted(map(str, kinds)))}), and one Quant spec describes one",
+                                hint="load it again with one BitsAndBytesConfig")
+    bits, quant_type, double_quant, storage, compute = kinds.pop()
+    if bits == 8:
+        return Quant(bits=8)
+    return Quant(bits=4, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute,
+                 quant_storage=None if storage == "uint8" else storage)
+
+
+def _quant_kind(layer: Any) -> tuple:
+    """(bits, quant type, double quantization, storage dtype, compute dtype) of a bitsandbytes layer."""
+    weight = layer.weight
+    if bnb_bits(layer) == 8:
+        return (8, None, None, None, None)
+    compute = getattr(layer, "compute_dtype", None)
+    return (4, weight.quant_type, bool(weight.compress_statistics), str(weight.dtype).removeprefix("torch."),
+            str(compute).removeprefix("torch.") if compute is not None else None)
 
 
 def is_wrapped(model: Any) -> bool:

@@ -23,12 +23,12 @@ from typing import Any
 
 from .accounting import planned_records
 from .errors import AlreadyWrappedError, LorakitError, NothingSelectedError, SpecError
-from .names import peft_role
+from .names import bnb_bits, peft_role
 from .plan import Plan, make_plan
 from .targeting import candidates
-from .quantize import quantize, require_bitsandbytes
+from .quantize import dequantize, quantize, require_bitsandbytes
 from .specs import REWRITES_BASE, Lora
-from .state import State, fingerprint, is_wrapped, source_of
+from .state import State, fingerprint, is_quantized, is_wrapped, source_of
 from .zoo import find_block_lists, preset_for
 
 # peft's task wrappers name the text inputs (input_ids, ...) in their forward; a model that takes pixels, audio
@@ -166,8 +166,10 @@ def execute(model: Any, plan: Plan) -> Any:
     base_fingerprint = fingerprint(model)  # of the base as loaded, before any change
     expected = planned_trainable(model, plan) if plan.lora is not None else 0  # from shapes, before quantizing
     loftq: dict = {}
-    if plan.quant is not None:
+    if plan.quant is not None and not is_quantized(model):  # else it arrived quantized, as the Plan says
         model, loftq = quantize(model, plan)
+    dequantize(model, plan.dequantized)
+    check_quantized(model, plan)
     trainable = set(plan.trainable)
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable and param.is_floating_point())
@@ -207,6 +209,19 @@ def adapted(peft_model: Any) -> set[str]:
 def planned_trainable(model: Any, plan: Plan) -> int:
     """The number of trainable parameters the Plan promises (counted from layer shapes, before peft)."""
     return sum(r.numel for r in planned_records(model, plan) if r.trainable)
+
+
+def check_quantized(model: Any, plan: Plan) -> None:
+    """The Plan's quantized layers are exactly the model's bitsandbytes layers, however it got them."""
+    held = {n for n, m in model.named_modules() if bnb_bits(m)}
+    if held != set(plan.quantized):
+        extra, missing = sorted(held - set(plan.quantized)), sorted(set(plan.quantized) - held)
+        raise LorakitError("the model's 8/4-bit layers are not the Plan's: " + "; ".join(
+            part for part in (f"{len(extra)} quantized that the Plan keeps in full precision, e.g. {extra[0]}"
+                              if extra else "",
+                              f"{len(missing)} in full precision that the Plan quantizes, e.g. {missing[0]}"
+                              if missing else "") if part),
+            hint="this is a lorakit bug for this architecture; please report it with the model's config")
 
 
 def check_applied(peft_model: Any, plan: Plan, expected: int) -> None:
