@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .names import adaptable_kind, module_kind, out_features, peft_role, shape_of, under
+from .names import adaptable_kind, is_packed, module_kind, out_features, peft_role, shape_of, under
 from .plan import Plan
 from .specs import Quant
 
@@ -79,7 +79,7 @@ def real_records(model: Any) -> list[Record]:
     modules = dict(model.named_modules())
     # Full fine-tuning stores quantized weights unquantized, like the model's other weights.
     float_element = next((p.element_size() for n, p in model.named_parameters()
-                          if p.is_floating_point() and "lora_" not in n), 4)
+                          if p.is_floating_point() and "lora_" not in n and not is_packed(p)), 4)
     for name, param in model.named_parameters():
         module_path = name.rpartition(".")[0]
         role, base_path = peft_role(module_path)
@@ -93,7 +93,8 @@ def real_records(model: Any) -> list[Record]:
             scb = getattr(param, "SCB", None)
             if scb is not None:
                 weight_bytes += scb.numel() * scb.element_size()
-        full_bytes = numel * (param.element_size() if param.is_floating_point() else float_element)
+        full_bytes = numel * (float_element if is_packed(param) or not param.is_floating_point()
+                              else param.element_size())
         owner = modules[module_path]
         if role == "lora":  # grouped by the layer it adapts: peft's wrapper holds it as its base layer
             wrapper = modules[name.split(".lora_")[0]]
@@ -123,12 +124,13 @@ def planned_records(model: Any, plan: Plan) -> list[Record]:
     quantized, trainable, targets = set(plan.quantized), set(plan.trainable), set(plan.target_names)
     modules = dict(model.named_modules())
     # A model loaded quantized: full fine-tuning would hold its quantized weights in the other weights' dtype.
-    float_element = next((p.element_size() for p in model.parameters() if p.is_floating_point()), 4)
+    float_element = next((p.element_size() for p in model.parameters() if p.is_floating_point()
+                          and not is_packed(p)), 4)
     records = []
     for name, param in model.named_parameters():  # tied weights once, as peft counts them
         module_path, _, leaf = name.rpartition(".")
         module = modules[module_path]
-        element = param.element_size() if param.is_floating_point() else float_element
+        element = float_element if is_packed(param) or not param.is_floating_point() else param.element_size()
         numel = math.prod(shape_of(param))
         is_quantized = module_path in quantized and leaf == "weight"
         weight_bytes = quantized_bytes(numel, out_features(module), quant) if is_quantized else numel * element

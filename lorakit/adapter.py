@@ -158,7 +158,8 @@ def check_base(manifest: dict, model: Any, folder: Path) -> None:
     if recorded.get("model_type") != current["model_type"]:
         raise LorakitError(f"{folder} was trained on a {recorded.get('model_type')} model ({base_id}), "
                            f"not on this {current['model_type']}", hint="load the base it was trained on")
-    if recorded.get("shapes_sha256") != current["shapes_sha256"]:
+    if recorded.get("shapes_sha256") != current["shapes_sha256"] and recorded.get("shapes_sha256") != fingerprint(
+            model, conv1d_as_stored=True)["shapes_sha256"]:  # earlier manifests recorded Conv1D weights as stored
         raise LorakitError(f"{folder} was trained on a base of other shapes ({base_id}): parameter names or "
                            "sizes differ", hint="load the base it was trained on (same size and head)")
     if recorded.get("embedding_sample_sha256") != current["embedding_sample_sha256"]:

@@ -254,7 +254,7 @@ def load(model: str | os.PathLike, *, task: str | None = None, quant: Quant | st
     elif device_map is not None:
         kwargs["device_map"] = device_map
     try:
-        with _without_load_report():
+        with quiet_loading():
             loaded, info = auto_class(task).from_pretrained(where, **kwargs)
     except Exception as exc:  # noqa: BLE001 - sorted into user mistakes and bugs by _loading_error
         error = _loading_error(source, where, exc, getattr(config, "quantization_config", None) is not None)
@@ -268,7 +268,7 @@ def load(model: str | os.PathLike, *, task: str | None = None, quant: Quant | st
 
 
 @contextlib.contextmanager
-def _without_load_report() -> Iterator[None]:
+def quiet_loading() -> Iterator[None]:
     """transformers logs a LOAD REPORT table whenever a checkpoint lacks weights (a new head); lorakit
     records those keys and trains them, and says so in one line (`_log_loading`) instead. Its progress bar shows
     on a terminal only: in a log or a pipe it is a line of noise per load."""

@@ -29,8 +29,10 @@ from .specs import torch_dtype
 from .state import Source
 from .shard_writer import check_finite
 from .streaming import merge_streamed, names_line_up
+from .targeting import tied_layers
 from .verify import peft_model
 from .verify_streamed import check_merge, refuse_unchecked
+from .zoo import ruled_modules
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties")
 # Which weighted merges equal the weighted sum of the adapters' updates exactly.
@@ -137,6 +139,7 @@ def merge(base: Any, adapters: Any, out_dir: str | os.PathLike, *, weights: list
                             hint="streaming needs one adapter, method linear, no DoRA, and a local safetensors base")
         task_config = _task_config(loaded[0], base_config)
         meta = build_from_config(task_config, meta=True)
+        _refuse_unmergeable(loaded, meta)
         if streamable and not names_line_up(base_dir, meta, loaded[0]):
             # The checkpoint stores tensors that transformers builds on load in ways the stream does not follow
             # (e.g. transposed experts): only from_pretrained can read it.
@@ -200,6 +203,24 @@ def _check_compatible(loaded: list[dict]) -> None:
             only = sorted(ta ^ tb)
             raise LorakitError(f"{first['folder']} and {other['folder']} adapt different modules, e.g. {only[0]}",
                                hint="weighted merges need adapters with the same targets")
+
+
+def _refuse_unmergeable(loaded: list[dict], meta: Any) -> None:
+    """Adapters plain peft puts where lorakit's Plan puts none, which a merge would not reproduce: on a weight
+    several modules share (Zamba's shared block; an input embedding tied to the output layer), where peft applies
+    the adapter at one use and a merge would change every use; on a layer whose weight the model reads directly
+    (WavLM's attention, Mamba's dt_proj), where the adapter changed nothing in training and a merge would."""
+    why = tied_layers(meta)
+    why.update({name: rule.reason for name, rule in ruled_modules(meta).items() if not rule.lora})
+    for adapter in loaded:
+        first = {}  # one layer for each reason
+        for module in sorted(m for m in adapter["lora"] if m in why):
+            first.setdefault(why[module], module)
+        if first:
+            raise LorakitError(f"{adapter['folder']} adapts layers a merge cannot reproduce: " + "; ".join(
+                f"{module}, which cannot be merged: {reason}" for reason, module in first.items()),
+                hint="use it unmerged (lorakit.load_adapter), or train an adapter that leaves such layers out "
+                     "(lorakit's Plan does)")
 
 
 def _check_model_type(adapter: dict, base_config: Any) -> None:

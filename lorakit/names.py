@@ -121,14 +121,20 @@ def shape_of(param: Any) -> tuple[int, ...]:
     return tuple(getattr(param, "ds_shape", None) or param.shape)
 
 
-def bnb_bits(module: Any) -> int | None:
-    """8 or 4 for a bitsandbytes layer (Linear8bitLt, Linear4bit: told by their weight's class, so that it needs
-    no bitsandbytes import), None for anything else."""
-    import torch
+def is_packed(param: Any) -> bool:
+    """A bitsandbytes 8/4-bit weight: its storage dtype (uint8, int8, or the quant_storage a 4-bit weight is kept
+    in for sharding, bf16 say) is not the dtype of the values it holds."""
+    return type(param).__name__ in ("Params4bit", "Int8Params")
 
-    if not isinstance(module, torch.nn.Linear):
-        return None
-    return {"Int8Params": 8, "Params4bit": 4}.get(type(module.weight).__name__)
+
+def bnb_bits(module: Any) -> int | None:
+    """8 or 4 for a bitsandbytes layer (Linear8bitLt, Linear4bit and their subclasses: told by class, so that it
+    needs no bitsandbytes import), None for anything else, peft's wrappers of them included. Its weight is
+    packed (`is_packed`) unless the layer was never filled: a head the checkpoint lacked, say."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("bitsandbytes") and cls.__name__ in ("Linear4bit", "Linear8bitLt"):
+            return 4 if cls.__name__ == "Linear4bit" else 8
+    return None
 
 
 def out_features(module: Any) -> int:

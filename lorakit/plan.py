@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import QuantizationError, SpecError, TargetError
-from .names import (adaptable_kind, bnb_bits, expert_tensors, is_norm, outermost, output_embedding_names,
+from .names import (adaptable_kind, bnb_bits, expert_tensors, is_norm, is_packed, outermost, output_embedding_names,
                     suffix_match, task_of_class, under)
 from .specs import REWRITES_BASE, Freeze, Lora, Quant, spec_dict
 from .state import loaded_quant, source_of
@@ -210,11 +210,18 @@ def _as_loaded(model: Any, loaded: Quant, full: list[str],
             why[name] = "kept in full precision by the quantization the model was loaded with"
     kept = list(why)
     quantized = [n for n, m in model.named_modules() if bnb_bits(m)]
+    unfilled = [n for n, m in model.named_modules() if bnb_bits(m) and not is_packed(m.weight)]
     for name in quantized:
         if under(name, full):
             why[name] = "loaded 8/4-bit, and trained in full: wrap dequantizes it (transformers' dequantization)"
         elif name in ruled and not ruled[name].quantize:
             why[name] = f"loaded 8/4-bit; wrap dequantizes it, as it cannot work quantized: {ruled[name].reason}"
+    if [n for n in unfilled if n not in why]:  # a head the checkpoint lacked is new anyway, and trains in full
+        empty = [n for n in unfilled if n not in why]
+        raise QuantizationError(f"{len(empty)} bitsandbytes layers of this model hold no quantized weight, e.g. "
+                                f"{empty[0]}: the checkpoint did not fill them (transformers read it in another "
+                                "layout), so they hold random values",
+                                hint="load the full-precision checkpoint with lorakit.load(path, quant=...)")
     dequantized = [n for n in quantized if n in why]
     return (dataclasses.replace(loaded, skip_modules=kept), [n for n in quantized if n not in why], why,
             dequantized)

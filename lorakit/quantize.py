@@ -14,6 +14,7 @@ import importlib.util
 from typing import Any
 
 from .errors import QuantizationError
+from .names import is_packed
 from .plan import Plan
 from .specs import Quant, torch_dtype
 
@@ -113,7 +114,7 @@ def dequantize(model: Any, names: tuple[str, ...] | list[str]) -> None:
     import torch
     from transformers.integrations.bitsandbytes import dequantize_bnb_weight
 
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not is_packed(p)), torch.float32)
     for name in names:
         layer = model.get_submodule(name)
         weight = dequantize_bnb_weight(layer.weight, getattr(layer, "state", None)).to(dtype)

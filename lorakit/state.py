@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .errors import QuantizationError
-from .names import base_name, bnb_bits, shape_of
+from .names import adaptable_kind, base_name, bnb_bits, is_packed, shape_of
 from .sharding import full_value
 from .specs import Quant
 
@@ -63,24 +63,28 @@ def state_of(model: Any) -> State | None:
     return getattr(model, "lorakit_state", None)
 
 
-def fingerprint(model: Any) -> dict:
+def fingerprint(model: Any, conv1d_as_stored: bool = False) -> dict:
     """What identifies a base: its parameter names and real shapes, and a few of its embedding values
     (left out on the meta device, where there are none). A sharded model (FSDP2, ZeRO-3) gives the same
     fingerprint as the whole one, on every rank: its full shapes, and the sample gathered in full (every
-    rank meets the same parameter first, so all take part in that one gather)."""
+    rank meets the same parameter first, so all take part in that one gather). A Conv1D weight (GPT-2's, stored
+    (in, out)) counts as (out, in), as bitsandbytes stores it once quantized: one base, loaded in full precision
+    or in 8/4 bits, has one fingerprint. `conv1d_as_stored`: the fingerprint manifests recorded before that."""
     import torch
 
     lines, sample = [], None
-    quant_states = {name: module.quant_state for name, module in model.named_modules()
-                    if getattr(module, "quant_state", None) is not None}
+    modules = dict(model.named_modules())
     for name, param in model.named_parameters():
         original = base_name(name)
         if original is None:
             continue
         # a sharded 4-bit weight (FSDP2's DTensor) lost its quant state; bitsandbytes keeps it on the module
-        module, _, kind = name.rpartition(".")
-        state = getattr(param, "quant_state", None) or (quant_states.get(module) if kind == "weight" else None)
+        path, _, kind = name.rpartition(".")
+        state = getattr(param, "quant_state", None) or (getattr(modules[path], "quant_state", None)
+                                                        if kind == "weight" else None)
         shape = tuple(state.shape) if state is not None else shape_of(param)
+        if kind == "weight" and adaptable_kind(modules[path]) == "Conv1D" and not conv1d_as_stored:
+            shape = shape[::-1]
         lines.append(f"{original}:{shape}")
         has_values = not param.is_meta and type(param).__name__ != "FakeTensor"  # the memory simulator's
         if (sample is None and param.is_floating_point() and has_values and "embed" in original
@@ -105,7 +109,7 @@ def loaded_quant(model: Any) -> Quant | None:
     """The `Quant` a model already quantized by bitsandbytes holds (`load(quant=...)`, `from_pretrained(
     quantization_config=BitsAndBytesConfig(...))`, a quantized checkpoint loaded again), read from its layers
     themselves, whatever config they came from; None for a model with no bitsandbytes layer."""
-    layers = [m for m in model.modules() if bnb_bits(m)]
+    layers = [m for m in model.modules() if bnb_bits(m) and is_packed(m.weight)]
     if not layers:
         if not is_quantized(model):
             return None

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LorakitError, SpecError
+from .names import adaptable_kind
 from .shard_writer import ShardWriter, checked
 from .specs import torch_dtype
 
@@ -134,7 +135,9 @@ def shard_files(folder: Path) -> list[str]:
 
 def names_line_up(base_dir: Path, meta: Any, adapter: dict) -> bool:
     """Do the checkpoint's tensor names map onto the task model's (`meta`, on the meta device),
-    allowing the base-model prefix? Names transformers renames on load (ViT's legacy ones) do not."""
+    allowing the base-model prefix, and is every weight the adapter adapts stored under the name it adapts?
+    Names transformers renames on load (ViT's legacy ones) do not line up, nor a weight shared by several
+    modules (Zamba's shared block), which the checkpoint stores once, under one of its names."""
     from safetensors import safe_open
 
     expected = {n for n, _ in meta.named_parameters()}
@@ -149,7 +152,9 @@ def names_line_up(base_dir: Path, meta: Any, adapter: dict) -> bool:
         if any(piece == "unsupported" for _, piece in found):
             return False
         mapped |= {name for name, _ in found}
-    return not (expected - mapped - set(adapter["full"]))
+    experts = adapter_keys(adapter, meta).values()
+    adapted = {f"{module}.weight" for module in adapter["lora"] if module not in experts}
+    return not (expected - mapped - set(adapter["full"])) and adapted <= mapped
 
 
 def merge_streamed(base_dir: Path, adapter: dict, staging: Path, meta: Any, task_config: Any, dtype: str | None,
@@ -166,7 +171,10 @@ def merge_streamed(base_dir: Path, adapter: dict, staging: Path, meta: Any, task
     pending.update(tensors)
     layouts = {t["name"]: t for t in adapter["plan"].get("targets", ()) if t.get("parameter")}
     pieces: dict[str, set] = {name: set() for name in tensors}  # (expert, part) merged so far
-    fan_in_fan_out = bool(adapter["config"].get("fan_in_fan_out"))
+    # peft's rule: a Conv1D base layer (GPT-2's, stored (in, out)) takes the update transposed, whatever the saved
+    # config says (an adapter trained on a 4-bit GPT-2, whose Conv1D layers were Linear4bit ones, says False)
+    modules = dict(meta.named_modules())
+    conv1d = {module for module in lora if adaptable_kind(modules.get(module)) == "Conv1D"}
     quantized = _quantized_weights(adapter) if into == "dequantized" else set()
     target_dtype = torch_dtype(dtype)
     writer = ShardWriter(staging)
@@ -210,7 +218,7 @@ def merge_streamed(base_dir: Path, adapter: dict, staging: Path, meta: Any, task
                 module = pending.pop(name)
                 parts = lora[module]
                 if name not in tensors and name not in quantized and getattr(parts.get("lora_A"), "ndim", 0) == 2:
-                    tensor = _merged_in_rows(module, tensor, parts, fan_in_fan_out,
+                    tensor = _merged_in_rows(module, tensor, parts, module in conv1d,
                                              _scale(adapter["config"], module, parts["lora_A"].shape[0]))
                     merged.append(module)
                 else:
@@ -225,7 +233,7 @@ def merge_streamed(base_dir: Path, adapter: dict, staging: Path, meta: Any, task
                         delta = delta if weight.dim() == 3 else delta[0]
                     else:
                         rank = parts.get("lora_A", parts.get("lora_embedding_A")).shape[0]
-                        delta = _delta(parts, tuple(weight.shape), fan_in_fan_out,
+                        delta = _delta(parts, tuple(weight.shape), module in conv1d,
                                        _scale(adapter["config"], module, rank))
                     if delta.shape != weight.shape:
                         raise _other_base(module, delta.shape, weight.shape)

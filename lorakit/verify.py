@@ -11,7 +11,7 @@ from typing import Any
 
 from .batches import sample_batch
 from .errors import LorakitError, ModelNotFoundError
-from .load import auto_class, load, task_from_config
+from .load import auto_class, load, quiet_loading, task_from_config
 from .specs import Quant
 from .wrap import quiet_peft, written_by_lorakit
 
@@ -37,8 +37,9 @@ def base_model(base: Any, task_config: Any, quant: Any = None) -> Any:
     else:
         try:
             # fp32 whatever the checkpoint holds: the reference a bf16/fp16 merge is checked against
-            model = auto_class(task).from_pretrained(where, config=task_config, use_safetensors=True,
-                                                     dtype=torch.float32)
+            with quiet_loading():
+                model = auto_class(task).from_pretrained(where, config=task_config, use_safetensors=True,
+                                                         dtype=torch.float32)
         except OSError as exc:
             raise ModelNotFoundError(f"cannot read the base weights in {where}: {str(exc).splitlines()[0]}",
                                      hint="the base needs model.safetensors; lorakit never unpickles "
@@ -121,8 +122,9 @@ def verify_merged(base: Any, loaded: list[dict], staging: Path, task_config: Any
         base, "named_parameters") and into == "original" else None
     del reference_model
     # Upcast to fp32: the difference is then what storing the merge in bf16/fp16 costs, not fp32 vs half arithmetic
-    merged = auto_class(task_from_config(task_config)).from_pretrained(str(staging), use_safetensors=True,
-                                                                       dtype=torch.float32).eval()
+    with quiet_loading():
+        merged = auto_class(task_from_config(task_config)).from_pretrained(str(staging), use_safetensors=True,
+                                                                           dtype=torch.float32).eval()
     candidate = _logits(merged, inputs, merged=True)
     difference = float((reference - candidate).abs().max())
     scale = float(reference.abs().max())

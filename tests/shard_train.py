@@ -84,7 +84,19 @@ def run(out, mode, per_device, adapter, stop_after, resume):
                 control.should_training_stop = True
 
     quant = lorakit.Quant(bits=4) if adapter == "qlora" else None
-    trainer = InOrder(model=build_model(), args=args, train_dataset=token_data(64), quant=quant,  # sets storage
+    model = build_model()
+    if adapter == "qlora-loaded":  # quantized as it loads, the way users load it; sharding needs the storage dtype
+        base = os.path.join(out, "base")
+        model.save_pretrained(base)  # rank 0 writes it (transformers' rule); the others wait for it
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
+        if mode.startswith("zero"):  # accelerate starts DeepSpeed's comm on GPUs only; from_pretrained needs it
+            import deepspeed
+
+            deepspeed.init_distributed(dist_backend="gloo")
+        storage = "float32" if mode in ("fsdp", "zero3") else None
+        model = lorakit.load(base, quant=lorakit.Quant(bits=4, quant_storage=storage))
+    trainer = InOrder(model=model, args=args, train_dataset=token_data(64), quant=quant,  # sets storage
                       lora=lorakit.Lora(r=4, dropout=0.0), callbacks=[Inspect()])
     if adapter == "unused":  # a trainable layer outside the forward: the gradient check must say so
         trainer.model.base_model.model.unused = torch.nn.Linear(2, 2)

@@ -105,3 +105,50 @@ def test_deepspeeds_stdout_notice_is_kept_out():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert (done.returncode, done.stdout, done.stderr) == (0, "done\n", "")
+
+
+# A user's first command imports transformers, bitsandbytes and DeepSpeed fresh, and each may print a notice on
+# import or on first use (bitsandbytes' kernels lookup, DeepSpeed's accelerator): only a fresh process shows them.
+FRESH_COMMANDS = {
+    "fit": ["fit", "gpt2", "--gpu-memory", "8GiB", "--seq-len", "128", "--method", "qlora"],
+    "compare-parameters": ["compare-parameters", "meta-llama/Llama-3.1-8B", "--quant", "4bit", "--by", "kind",
+                           "--batch-size", "1", "--seq-len", "64"],
+}
+WRAP = """
+import sys, lorakit
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers.utils import logging
+model = lorakit.load(sys.argv[1], quant="4bit")
+print(lorakit.report(lorakit.wrap(model, lora=lorakit.Lora(r=4))).total.trainable_parameters)
+logging.disable_progress_bar()  # the user's own from_pretrained below: its bar is theirs, not lorakit's
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+print(lorakit.report(lorakit.wrap(model, lora=lorakit.Lora(r=4))).total.trainable_parameters)
+"""
+
+
+def fresh(arguments: list[str]) -> subprocess.CompletedProcess:
+    """A new process, offline as our machines are (the Hub switched off is where bitsandbytes' notice shows)."""
+    return subprocess.run([sys.executable, *arguments], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+
+
+@pytest.mark.parametrize("command", list(FRESH_COMMANDS))
+def test_a_fresh_command_prints_its_own_lines_only(command, capsys):
+    argv = FRESH_COMMANDS[command]
+    assert main(argv) == 0  # in this process every library is imported already: what lorakit itself writes
+    own = capsys.readouterr()
+    done = fresh(["-m", "lorakit", *argv])
+    assert (done.returncode, done.stdout, done.stderr) == (0, own.out, own.err)
+
+
+def test_wrap_of_a_model_loaded_in_4_bits_prints_nothing_in_a_fresh_process(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, vocab_size=128)).save_pretrained(tmp_path)
+    done = fresh(["-c", WRAP, str(tmp_path)])
+    # r=4 on q, k, v, o, gate, up, down of 2 blocks: r * (in + out) each (k and v: 2 heads of 16 = 32 outputs)
+    layers = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
+    lora = 2 * sum(4 * (inputs + outputs) for inputs, outputs in layers)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.split() == [str(lora)] * 2

@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE))
 from shard_train import build_model, zero  # noqa: E402
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
 ADAPTERS = ("lora", "qlora")
+LOADED_TOO = (*ADAPTERS, "qlora-loaded")  # qlora-loaded: lorakit.load(quant=...), as users load a model for QLoRA
 QUANTIZED_LINEARS = 2 * 6  # 2 BERT layers x (query, key, value, attention output, intermediate, output)
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
                                      reason="DeepSpeed is not installed (pip install 'lorakit[deepspeed]')")
@@ -48,7 +49,7 @@ def launch(out: Path, mode: str, *extra: str, port: int = 29535) -> dict:
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("one")
-    seen = launch(out, "single")
+    seen = launch(out, "single", "--adapters", ",".join(LOADED_TOO))
     assert seen["lora"]["dtensors"] == seen["lora"]["zero3_params"] == 0
     return out
 
@@ -76,15 +77,16 @@ def assert_loads_in_peft(folder: Path) -> None:
     assert all(torch.equal(loaded[k], saved[k]) for k in saved)
 
 
-def check_sharded(one: Path, out: Path, mode: str, really_sharded, resume: bool = True) -> dict:
-    extra = ("--stop-after", "2") if resume else ("--adapters", "lora,unused")
+def check_sharded(one: Path, out: Path, mode: str, really_sharded, resume: bool = True,
+                  adapters: tuple[str, ...] = ADAPTERS) -> dict:
+    extra = ("--stop-after", "2", "--adapters", ",".join(adapters)) if resume else ("--adapters", "lora,unused")
     seen = launch(out, mode, *extra)
     if resume:
         assert not (out / "lora" / "final").exists()
-        assert launch(out, mode, "--resume") == seen
-    for name in ADAPTERS if "qlora" in seen else ("lora",):
+        assert launch(out, mode, "--resume", "--adapters", ",".join(adapters)) == seen
+    for name in adapters if "qlora" in seen else ("lora",):
         assert really_sharded(seen[name]), seen[name]
-        assert seen[name]["linear4bit"] == (QUANTIZED_LINEARS if name == "qlora" else 0)
+        assert seen[name]["linear4bit"] == (QUANTIZED_LINEARS if name.startswith("qlora") else 0)
         assert_same(one / name / "checkpoint-2", out / name / "checkpoint-2")
         assert_same(one / name / "final", out / name / "final")
         checkpoint = out / name / "checkpoint-2"
@@ -97,7 +99,7 @@ def check_sharded(one: Path, out: Path, mode: str, really_sharded, resume: bool 
 @pytest.mark.slow
 def test_fsdp2_lora_and_qlora_shard_match_one_process_and_resume(one_process, tmp_path):
     check_sharded(one_process, tmp_path, "fsdp", lambda s: s["dtensors"] == s["parameters"]
-                  and s["engine"].startswith("FSDP"))
+                  and s["engine"].startswith("FSDP"), adapters=LOADED_TOO)
 
 
 @pytest.mark.slow
@@ -146,6 +148,21 @@ def test_sharded_4bit_storage_is_the_compute_dtype_and_a_conflict_is_refused(tmp
     assert "quant_storage='float32'" in error.value.hint
     with pytest.raises(lorakit.LorakitError, match="FSDP version 1"):
         sharding.kind(fsdp_args(tmp_path, version=1))
+
+
+@needs_deepspeed
+def test_load_in_4_bits_under_a_zero3_config_takes_no_device_map_and_no_zero_init(tmp_path, own_environ):
+    """With ZeRO-3's arguments made first (as Trainer needs), transformers builds every model under zero.Init and
+    refuses a device_map: load's meta-device skeleton (for the skip list) stays out of zero.Init, and it passes
+    no device_map, so the 4-bit model loads as from_pretrained loads it there."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    build_model().save_pretrained(tmp_path / "base")
+    args = lorakit.training_args(str(tmp_path / "run"), use_cpu=True, per_device_train_batch_size=4, **zero(3))
+    assert is_deepspeed_zero3_enabled() and args.deepspeed
+    model = lorakit.load(tmp_path / "base", quant=lorakit.Quant(bits=4, quant_storage="float32"))
+    assert lorakit.make_plan(model).quant.quant_storage == "float32"
+    assert sum(type(m).__name__ == "Linear4bit" for m in model.modules()) == QUANTIZED_LINEARS
 
 
 # ---- per-GPU memory: the simulator against a real two-process run ------------------------------------------
