@@ -58,7 +58,7 @@ class Plan:
     block_lists: tuple[str, ...]
     heads: tuple[str, ...]                # heads and output embeddings, for grouping a report
     embeddings: tuple[str, ...]
-    dequantized: tuple[str, ...] = ()     # 8/4-bit layers of a model loaded quantized that train in full (heads)
+    dequantized: tuple[str, ...] = ()     # 8/4-bit layers of a model loaded quantized that wrap dequantizes
 
     @property
     def target_names(self) -> list[str]:
@@ -216,8 +216,8 @@ def _as_loaded(model: Any, loaded: Quant, full: list[str],
             why[name] = "loaded 8/4-bit, and trained in full: wrap dequantizes it (transformers' dequantization)"
         elif name in ruled and not ruled[name].quantize:
             why[name] = f"loaded 8/4-bit; wrap dequantizes it, as it cannot work quantized: {ruled[name].reason}"
-    if [n for n in unfilled if n not in why]:  # a head the checkpoint lacked is new anyway, and trains in full
-        empty = [n for n in unfilled if n not in why]
+    empty = [n for n in unfilled if n not in why]  # a head the checkpoint lacked is new anyway, and trains in full
+    if empty:
         raise QuantizationError(f"{len(empty)} bitsandbytes layers of this model hold no quantized weight, e.g. "
                                 f"{empty[0]}: the checkpoint did not fill them (transformers read it in another "
                                 "layout), so they hold random values",
