@@ -12,8 +12,8 @@ import time
 from datetime import date
 from pathlib import Path
 
-from lorakit.adapter import versions
-from lorakit.files import write_json_atomic
+from lorakit.adapter.format import versions
+from lorakit.core.files import write_json_atomic
 
 RESULTS = Path(__file__).parent / "results"
 

@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     # the console script's own code path: lorakit.cli.main, as `lorakit compare-parameters` runs it
-    cli = ("import sys\nfrom lorakit.cli import main\n"
+    cli = ("import sys\nfrom lorakit.cli.commands import main\n"
            "rc = main(['compare-parameters', 'meta-llama/Llama-3.1-70B', '--quant', '4bit'])\n"
            "sys.stdout.flush()\n")
     figures = alternate(python_code(bare_meta_build(CONFIG)), python_code(cli), repeats=args.repeats, env=env)

@@ -2,7 +2,7 @@
 
 Each family of the GGUF test list (tests/gguf_models.py: one list, that the tests and the README table share)
 gets a tiny model with a trained-looking LoRA adapter, merged; the merged folder is exported as f32, f16 and
-q8_0 and run by llama.cpp (lorakit's probe of libllama, built once: lorakit.llama_cpp.build_probe). Figures:
+q8_0 and run by llama.cpp (lorakit's probe of libllama, built once: lorakit.gguf.llama_cpp.build_probe). Figures:
 max |llama.cpp - transformers| over the largest logit, and top-1 agreement, on 2 x 24 random ids.
 
     python -m benchmarks.gguf_llama_cpp
@@ -26,8 +26,8 @@ def main() -> dict:
     from transformers import AutoModelForCausalLM
 
     import lorakit
-    from lorakit import llama_cpp
-    from lorakit.gguf_export import export_gguf
+    from lorakit.gguf import llama_cpp
+    from lorakit.gguf.export import export_gguf
 
     probe = llama_cpp.build_probe()
     ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(7))

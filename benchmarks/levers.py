@@ -25,7 +25,7 @@ GIB = 2**30
 
 def simulated_8b() -> dict:
     import lorakit
-    from lorakit.simulate import simulate
+    from lorakit.cost.simulate import simulate
 
     lora = lorakit.Lora(r=16, targets="all-linear")
     common = dict(lora=lora, batch_size=1, seq_len=8192, gradient_checkpointing=True)
@@ -49,7 +49,7 @@ def real_step(vocab: int = 32000, seq: int = 1024, repeats: int = 5) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lorakit
-    from lorakit.counting import LiveBytes
+    from lorakit.cost.counting import LiveBytes
 
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=seq)
@@ -81,7 +81,7 @@ def real_step(vocab: int = 32000, seq: int = 1024, repeats: int = 5) -> dict:
 
 
 def fit_8b() -> list[dict]:
-    from lorakit.fit import choices_json, fit
+    from lorakit.cost.fit import choices_json, fit
 
     choices = fit("meta-llama/Llama-3.1-8B", "24GiB", seq_len=8192, global_batch=32)
     return [{k: v for k, v in c.items() if k != "tried"} | {"simulated_runs": len(c["tried"])}

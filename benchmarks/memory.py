@@ -34,7 +34,7 @@ def simulate_key(key: str) -> dict:
 
     import lorakit
     from benchmarks.memory_cuda import MODELS
-    from lorakit.simulate import simulate
+    from lorakit.cost.simulate import simulate
 
     model, method, attn, ckpt, seq = key.split(":")
     config = LlamaConfig(**MODELS[model], architectures=["LlamaForCausalLM"], dtype="bfloat16")
@@ -100,7 +100,7 @@ def speed(name: str, method: str = "lora", **kwargs) -> dict:
     import resource
 
     import lorakit
-    from lorakit.simulate import simulate
+    from lorakit.cost.simulate import simulate
 
     spec = {"full": {}, "lora": {"lora": lorakit.Lora(**LORA)},
             "qlora": {"lora": lorakit.Lora(**LORA), "quant": lorakit.Quant(bits=4, compute_dtype="bfloat16")}}
@@ -125,7 +125,7 @@ def will_it_fit(out: Path) -> list[dict]:
         result.update(method=method, batch=batch, seq=seq, gradient_checkpointing=bool(ckpt))
         rows.append(result)
         print(json.dumps({k: v for k, v in result.items() if k != "settings"}), flush=True)
-        from lorakit.files import write_json_atomic
+        from lorakit.core.files import write_json_atomic
 
         write_json_atomic(out, {"simulated_on": "CPU, fake tensors, shared 2-core machine", "rows": rows})
     return rows
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {"measured_on": measured["environment"], "cuda_context_bytes": measured["cuda_context_bytes"],
               "simulated_on": "CPU, fake tensors (torch FakeTensorMode), shared 2-core machine",
               "summary": summary(rows), "rows": rows}
-    from lorakit.files import write_json_atomic
+    from lorakit.core.files import write_json_atomic
 
     write_json_atomic(args.out, result)
     print(markdown(rows))

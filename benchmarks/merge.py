@@ -5,7 +5,7 @@ in fp32) is saved in 200 MB shards with a LoRA r=16 adapter on every linear
 layer. Each run is a fresh process; A (baseline) and B (lorakit, --no-verify,
 like the baseline) alternate, then A and C (lorakit with its verification on).
 Targets: B/A wall time <= 0.8, peak RSS <= 0.5; C/A peak RSS <= 0.5 (issues 15, 24). C checks every
-merged tensor against base + scale·B·A (lorakit.verify_streamed); the logits check is skipped by its size
+merged tensor against base + scale·B·A (lorakit.deploy.verify_streamed); the logits check is skipped by its size
 rule (938 MiB of fp32 weights > 768 MiB).
 
 Then a 70B-shaped synthetic merge (`--big`): two decoder layers of Llama-3-70B's shape (hidden 8192,

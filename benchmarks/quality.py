@@ -35,7 +35,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from pathlib import Path
 
-from lorakit.files import write_json_atomic
+from lorakit.core.files import write_json_atomic
 
 from .common import RESULTS, environment, peak_rss_bytes
 

@@ -66,7 +66,7 @@ def quantized_linear_bytes() -> dict:
     import torch
     import bitsandbytes as bnb
 
-    from lorakit.accounting import quant_state_bytes
+    from lorakit.plan.accounting import quant_state_bytes
 
     weight = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(0))
     fp32 = weight.numel() * 4

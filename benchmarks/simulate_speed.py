@@ -23,7 +23,7 @@ MODELS = {"llama-3.1-8b": "meta-llama/Llama-3.1-8B", "llama-3.1-70b": "meta-llam
 
 
 def cli(args: list[str]) -> list[str]:
-    return python_code(f"import sys\nfrom lorakit.cli import main\nrc = main({args!r})\nsys.stdout.flush()\n")
+    return python_code(f"import sys\nfrom lorakit.cli.commands import main\nrc = main({args!r})\nsys.stdout.flush()\n")
 
 
 def main(argv: list[str] | None = None) -> dict:

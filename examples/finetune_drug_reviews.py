@@ -148,7 +148,7 @@ def quick() -> None:
     set_seed(0)  # the new classification head is initialised at load: seed it, or "before" varies run to run
     model = lorakit.load(model_path(), task="seq-cls", num_labels=3)
     lora = lorakit.Lora(r=8, alpha=16, dropout=0.1)
-    from lorakit.render import table
+    from lorakit.cost.render import table
 
     print(table(lorakit.report(model, lora=lora)))
     with tempfile.TemporaryDirectory() as out:

@@ -39,8 +39,8 @@ from torch import nn
 from transformers.trainer_callback import PrinterCallback
 
 import lorakit
-from lorakit.files import atomic_path, write_json_atomic
-from lorakit.render import plot as lorakit_plot
+from lorakit.core.files import atomic_path, write_json_atomic
+from lorakit.cost.render import plot as lorakit_plot
 
 ROOT = Path(__file__).resolve().parent.parent
 SPLIT_SEED, SOURCE_FRACTION, VALIDATION_PER_CLASS, POOL_PER_CLASS = 0, 0.5, 10, 20

@@ -19,29 +19,24 @@ _logging.getLogger("kernels._internals.hf_hub").addFilter(
 # without a GPU gets its CPU accelerator: true of every CPU machine, and nothing to act on.
 _logging.getLogger("DeepSpeed").addFilter(lambda record: "Setting accelerator to CPU" not in record.getMessage())
 
-from .errors import (
-    AlreadyWrappedError,
-    LorakitError,
-    ModelNotFoundError,
-    QuantizationError,
-    SpecError,
-    TargetError,
-)
-from .load import load
-from .plan import Plan, Target, make_plan
-from .report import Report, Row, report
-from .specs import Freeze, Lora, Quant
-from .state import Source, State
-from .wrap import Targets, targets, wrap
+from .core.errors import (AlreadyWrappedError, LorakitError, ModelNotFoundError, QuantizationError, SpecError,
+                          TargetError)
+from .cost.report import Report, Row, report
+from .model.load import load
+from .model.wrap import Targets, targets, wrap
+from .plan.make import make_plan
+from .plan.plan import Plan, Target
+from .plan.state import Source, State
+from .spec.specs import Freeze, Lora, Quant
 
 __version__ = "0.1.0"
 
 # Imported on first use: they pull in transformers.Trainer, datasets or evaluate.
 _LAZY = {
-    "LoraTrainer": "trainer", "training_args": "arguments", "load_adapter": "adapter",
-    "classification_metrics": "metrics", "load_metric": "metrics",
-    "classification_data": "data", "causal_lm_data": "data", "collator": "data", "merge": "merging",
-    "chat_data": "chat", "gguf_checkpoint": "gguf_source",
+    "LoraTrainer": "train.trainer", "training_args": "train.arguments", "load_adapter": "adapter.format",
+    "classification_metrics": "train.metrics", "load_metric": "train.metrics", "classification_data": "train.data",
+    "causal_lm_data": "train.data", "collator": "train.data", "merge": "deploy.merge", "chat_data": "train.chat",
+    "gguf_checkpoint": "model.gguf",
 }
 
 

@@ -191,7 +191,7 @@ def smollm2():
 # ---- the architecture hub: adapters_zoo/architectures.toml -------------------
 
 def _families() -> dict:
-    from lorakit.zoo import architectures
+    from lorakit.spec.zoo import architectures
 
     return {row["name"]: row for row in architectures()}
 
@@ -208,14 +208,14 @@ def family_config(name: str):
 
 def build_family(name: str):
     """A tiny model of a hub family, seeded, in eval mode (dropout off, so two runs compare)."""
-    from lorakit.load import build_from_config
+    from lorakit.model.load import build_from_config
 
     torch.manual_seed(0)
     return build_from_config(family_config(name), FAMILIES[name]["task"]).eval()
 
 
 def family_batch(name: str, labels: bool = True) -> dict:
-    from lorakit.batches import sample_batch
+    from lorakit.model.batches import sample_batch
 
     return sample_batch(family_config(name), FAMILIES[name]["task"], labels=labels)
 

@@ -25,8 +25,8 @@ import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 import lorakit  # noqa: E402
-from lorakit.adapter import verify  # noqa: E402
-from lorakit.checkpoints import verify_checkpoint  # noqa: E402
+from lorakit.adapter.format import verify  # noqa: E402
+from lorakit.train.checkpoints import verify_checkpoint  # noqa: E402
 
 torch.set_num_threads(1)  # forking a process with a live OpenMP pool can hang the child
 
@@ -95,7 +95,7 @@ def merge_setup(work: Path):
                 if "lora_B" in name:
                     param.normal_(std=0.1)
         model.save_pretrained(adapter)
-        from lorakit.adapter import save_extras
+        from lorakit.adapter.format import save_extras
 
         save_extras(model, adapter)
         lorakit.merge(base, adapter, out)

@@ -20,10 +20,10 @@ import torch
 from conftest import FAMILIES, build_family, expert_tensors, family_batch, family_config, first_output, look_trained
 
 import lorakit
-from lorakit.adapter import save_extras
-from lorakit.load import auto_class
-from lorakit.simulate import simulate
-from lorakit.zoo import ruled_modules
+from lorakit.adapter.format import save_extras
+from lorakit.model.load import auto_class
+from lorakit.cost.simulate import simulate
+from lorakit.spec.zoo import ruled_modules
 
 NAMES = list(FAMILIES)
 SPEC = dict(r=4)
@@ -301,7 +301,7 @@ SUMMARY_START = "| group | families (wrap, train, merge: all)"
 
 
 def test_the_support_tables_are_generated_from_the_hub():
-    from lorakit.render import architecture_summary, architecture_table
+    from lorakit.cost.render import architecture_summary, architecture_table
 
     regenerate = "regenerate them: python tests/test_architectures.py"
     assert architecture_table() in (ROOT / "docs" / "architectures.md").read_text(), regenerate
@@ -309,7 +309,7 @@ def test_the_support_tables_are_generated_from_the_hub():
 
 
 if __name__ == "__main__":  # rewrite docs/architectures.md's table and the README's summary from the hub
-    from lorakit.render import architecture_summary, architecture_table
+    from lorakit.cost.render import architecture_summary, architecture_table
 
     doc = ROOT / "docs" / "architectures.md"
     text = doc.read_text()

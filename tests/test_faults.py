@@ -20,7 +20,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
-from lorakit.adapter import save_extras
+from lorakit.adapter.format import save_extras
 from lorakit.cli import main
 
 HERE = Path(__file__).parent
@@ -227,7 +227,7 @@ def test_merge_into_a_read_only_folder_is_one_error_line(assets, tmp_path, capsy
 
 
 def test_an_unexpected_exception_is_one_line_and_debug_shows_it(capsys, monkeypatch):
-    import lorakit.cli as cli_module
+    import lorakit.cli.commands as cli_module
 
     def broken(args):
         raise ZeroDivisionError("a bug")

@@ -1,8 +1,11 @@
-"""The import graph of lorakit/ goes one way, bottom up (DESIGN.md): read from the source with `ast`.
+"""The import graph of lorakit/ goes one way, bottom up, between folders as between files (docs/design.md): read
+from the source with `ast`.
 
-Each module has a layer; a module may import only modules of lower layers, at its top (imports under
-`if TYPE_CHECKING:` are for annotations only and do not count), and never another module's private name.
-A new module must be given its layer here, which is the point: its place in the graph is a decision.
+Each module lives in a folder, one per part of the design; the folders are in FOLDERS, bottom first. A module may
+import modules of its own folder and of the folders below it, never above: at its top (the modules that subclass
+torch at import time are imported inside functions, to keep `import lorakit` cheap), never another module's
+private name, and with no cycle anywhere. A new folder must be given its place here, which is the point: its place
+in the graph is a decision.
 """
 
 from __future__ import annotations
@@ -13,82 +16,103 @@ from pathlib import Path
 import lorakit
 
 PACKAGE = Path(lorakit.__file__).parent
-LAYERS = [
-    ["errors", "console"],
-    ["serving_rules"],
-    ["files", "specs", "levers"],
-    ["names", "zoo", "allocator", "materialise", "stepping", "gguf_source", "batches", "memplot", "shard_writer"],
-    ["sharding", "per_gpu"],
-    ["state", "counting", "gguf_families", "llama_cpp", "zero_replay"],
-    ["gguf_vocab", "modelfile"],
-    ["targeting"],
-    ["plan"],
-    ["quantize", "accounting"],
-    ["load", "wrap", "training_step"],
-    ["rebuild"],
-    ["simulate"],
-    ["report", "verify"],
-    ["gguf_verify"],
-    ["render", "data", "metrics", "fit"],
-    ["adapter", "chat", "arguments"],
-    ["streaming", "checkpoints", "gguf_export", "serving"],
-    ["verify_streamed"],
-    ["trainer", "merging"],
-    ["cli_args"],
-    ["cli"],
-]
+FOLDERS = ["core", "spec", "plan", "model", "cost", "adapter", "train", "gguf", "deploy", "cli"]
 # Modules that subclass torch classes at import time: importing them is importing torch, so (like torch
 # itself) they are imported inside the functions that need them, to keep `import lorakit` cheap.
-HEAVY = {"counting", "stepping"}
-LAYER = {name: depth for depth, names in enumerate(LAYERS) for name in names}
+HEAVY = {"cost.counting", "cost.stepping"}
+TOP = ("__init__", "__main__")  # lorakit's own: the public API and `python -m lorakit`, above every folder
 
 
-def lorakit_imports(path: Path) -> list[tuple[str, list[str], bool]]:
-    """(module imported, names imported, at module top?) for each relative import in a file."""
-    tree = ast.parse(path.read_text())
-    type_checking = {id(node) for stmt in tree.body if isinstance(stmt, ast.If)
-                     and getattr(stmt.test, "id", None) == "TYPE_CHECKING" for node in ast.walk(stmt)}
+def module_name(path: Path) -> str:
+    """lorakit/cost/report.py -> "cost.report"; a package's __init__ is named by its folder."""
+    parts = list(path.relative_to(PACKAGE).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts) or "__init__"
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def relative_imports(source: str, module: str, is_package: bool) -> list[tuple[str, list[str], bool]]:
+    """(module imported, names imported, at module top?) for each relative import in `source`, resolved to
+    lorakit-relative dotted names; `from . import x` of a module counts as importing that module."""
+    tree = ast.parse(source)
     top = {id(stmt) for stmt in tree.body}
+    here = module.split(".") if module != "__init__" else []
+    package = here if is_package else here[:-1]
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and id(node) not in type_checking:
-            if node.module is None:  # from . import x
-                found += [(alias.name, [], id(node) in top) for alias in node.names]
+        if isinstance(node, ast.ImportFrom) and node.level > 0:
+            base = package[:len(package) - (node.level - 1)]
+            target = ".".join(base + (node.module.split(".") if node.module else []))
+            names = [alias.name for alias in node.names]
+            submodules = [f"{target}.{n}".lstrip(".") for n in names if f"{target}.{n}".lstrip(".") in MODULES]
+            if submodules:
+                found += [(m, [], id(node) in top) for m in submodules]
             else:
-                found.append((node.module, [alias.name for alias in node.names], id(node) in top))
+                found.append((target, names, id(node) in top))
     return found
 
 
-MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
+def folder_of(module: str) -> str:
+    return module.split(".")[0]
 
 
-def test_every_module_has_a_layer():
-    assert sorted(set(MODULES) - set(LAYER)) == [], "give each new module its place in LAYERS"
+def rank(module: str) -> int:
+    folder = folder_of(module)
+    return len(FOLDERS) if folder in TOP else FOLDERS.index(folder)
 
 
-def test_imports_go_down_only_at_the_top_and_never_for_private_names():
+def wrong_imports(module: str, source: str, is_package: bool = False) -> list[str]:
+    """What `source`, as lorakit's `module`, imports against the rules."""
     wrong = []
-    for module in MODULES:
-        for imported, names, at_top in lorakit_imports(PACKAGE / f"{module}.py"):
-            if LAYER.get(imported, -1) >= LAYER[module]:
-                wrong.append(f"{module} imports {imported} (layer {LAYER.get(imported)} >= {LAYER[module]})")
-            if not at_top and imported not in HEAVY:
-                wrong.append(f"{module} imports {imported} inside a function")
-            wrong += [f"{module} imports private {imported}.{n}" for n in names if n.startswith("_")]
-    assert wrong == []
+    for imported, names, at_top in relative_imports(source, module, is_package):
+        if imported not in MODULES:
+            wrong.append(f"{module} imports {imported}, which is no module of lorakit")
+            continue
+        if rank(imported) > rank(module):
+            wrong.append(f"{module} imports {imported}: folder {folder_of(imported)} is above {folder_of(module)}")
+        if not at_top and imported not in HEAVY:
+            wrong.append(f"{module} imports {imported} inside a function")
+        wrong += [f"{module} imports private {imported}.{n}" for n in names if n.startswith("_")]
+    return wrong
+
+
+def graph() -> dict[str, set[str]]:
+    return {m: {i for i, _, _ in relative_imports(p.read_text(), m, p.name == "__init__.py")}
+            for m, p in MODULES.items()}
+
+
+def test_every_module_sits_in_a_folder_of_the_design():
+    loose = [m for m in MODULES if folder_of(m) not in FOLDERS and m not in TOP]
+    assert loose == [], "put each module in one of FOLDERS (or give a new folder its place there)"
+    assert {folder_of(m) for m in MODULES} - set(TOP) == set(FOLDERS)
+
+
+def test_imports_go_down_between_folders_at_the_top_and_never_for_private_names():
+    assert [w for m, p in MODULES.items() for w in wrong_imports(m, p.read_text(), p.name == "__init__.py")] == []
+
+
+def test_a_planted_back_import_is_caught():
+    """The check above must be able to fail: a model module that imports the trainer, a folder above it."""
+    planted = MODULES["model.wrap"].read_text() + "\nfrom ..train.trainer import LoraTrainer\n"
+    assert wrong_imports("model.wrap", planted) == ["model.wrap imports train.trainer: folder train is above model"]
 
 
 def test_the_graph_has_no_cycle():
-    graph = {m: {i for i, _, _ in lorakit_imports(PACKAGE / f"{m}.py")} for m in MODULES}
+    edges = graph()
     done: set[str] = set()
 
     def visit(module: str, path: tuple[str, ...]) -> None:
         assert module not in path, "import cycle: " + " -> ".join(path + (module,))
         if module not in done:
-            for child in graph.get(module, ()):
+            for child in edges.get(module, ()):
                 visit(child, path + (module,))
             done.add(module)
 
     for module in MODULES:
         visit(module, ())
 
+
+def test_no_module_is_longer_than_one_sitting():
+    long = {m: n for m, p in MODULES.items() if (n := len(p.read_text().splitlines())) > 300}
+    assert long == {}, "split it along a real seam (STYLE.md, point 1)"

@@ -14,8 +14,8 @@ from conftest import build, minilm_path
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lorakit
-from lorakit.adapter import MANIFEST, TRAINED, save_extras, verify
-from lorakit.files import write_text_atomic
+from lorakit.adapter.format import MANIFEST, TRAINED, save_extras, verify
+from lorakit.core.files import write_text_atomic
 
 ROOT = Path(__file__).parent.parent
 ZOO_ADAPTER = ROOT / "adapters_zoo" / "adapters" / "minilm-drug-reviews-lora"
@@ -78,7 +78,7 @@ def test_a_fresh_run_never_replaces_an_earlier_runs_checkpoint(tmp_path):
 
 
 def test_rotation_renames_a_checkpoint_aside_before_deleting_it(tmp_path):
-    from lorakit.checkpoints import rotate
+    from lorakit.train.checkpoints import rotate
 
     for step in (1, 2, 3):
         (tmp_path / f"checkpoint-{step}").mkdir()
@@ -167,8 +167,8 @@ def test_a_config_whose_type_has_several_classes_builds_and_simulates_without_ar
     config made in code leaves None (a raw TypeError from build_from_config, then from simulate)."""
     from transformers import AutoConfig
 
-    from lorakit.load import build_from_config
-    from lorakit.simulate import simulate
+    from lorakit.model.load import build_from_config
+    from lorakit.cost.simulate import simulate
 
     config = AutoConfig.for_model("deit", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, image_size=32, patch_size=8, num_labels=3)

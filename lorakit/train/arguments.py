@@ -1,0 +1,50 @@
+"""`training_args`: transformers' TrainingArguments with lorakit's defaults and its two memory levers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import TrainingArguments
+
+from ..core.errors import LorakitError
+
+
+def training_args(output_dir: str, *, chunked_loss: bool | None = None, activation_offload: bool = False,
+                  **overrides: Any) -> TrainingArguments:
+    """TrainingArguments with lorakit's defaults: on CUDA bf16 where supported, else fp16; fp32 on CPU;
+    non-reentrant gradient checkpointing when it is turned on; no external loggers. Evaluation is off unless
+    eval_strategy is given; `LoraTrainer` turns on per-epoch evaluation when it gets an eval_dataset and
+    eval_strategy was left to this default (Trainer refuses to evaluate without an eval set). Without a
+    learning_rate, `LoraTrainer` uses the LoRA plan's (the family preset's, see `Plan.defaults`).
+
+    Two memory levers of `LoraTrainer` (see `lorakit.cost.levers`):
+    chunked_loss: a causal LM's training loss over lm_head's weight in chunks, never the full-vocabulary
+        logits. None (default): on wherever it computes exactly the standard loss; False: the standard loss.
+    activation_offload: what the forward saves for backward (the checkpointed layer inputs) is kept in host
+        memory; needs gradient checkpointing."""
+    import torch
+
+    if chunked_loss not in (None, True, False):
+        raise LorakitError(f"chunked_loss must be True, False or None, got {chunked_loss!r}",
+                           hint="None (the default) uses it wherever it gives the standard loss")
+    checkpointing = overrides.get("gradient_checkpointing") or overrides.get("activation_checkpointing")
+    if activation_offload and not checkpointing:
+        raise LorakitError("activation_offload=True needs gradient checkpointing: without it every activation "
+                           "would cross to the host and back", hint="add gradient_checkpointing=True")
+
+    defaults: dict[str, Any] = {"report_to": "none", "save_strategy": "epoch", "eval_strategy": "no",
+                                "logging_strategy": "steps", "logging_steps": 10}
+    if overrides.get("load_best_model_at_end"):  # Trainer needs evaluation at every save for this
+        defaults["eval_strategy"] = overrides.get("save_strategy", defaults["save_strategy"])
+    if torch.cuda.is_available():
+        defaults["bf16" if torch.cuda.is_bf16_supported() else "fp16"] = True
+    else:  # pinned memory only helps copies to a GPU; without one, torch warns on every DataLoader
+        defaults["dataloader_pin_memory"] = False
+    if overrides.get("gradient_checkpointing"):
+        defaults["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    args = TrainingArguments(output_dir=output_dir, **{**defaults, **overrides})
+    args.lorakit_chunked_loss, args.lorakit_activation_offload = chunked_loss, bool(activation_offload)
+    args.lorakit_eval_by_default = "eval_strategy" not in overrides and not overrides.get("load_best_model_at_end")
+    # the rate TrainingArguments chose for lack of one; LoraTrainer replaces it with the plan's if still unchanged
+    args.lorakit_default_rate = None if "learning_rate" in overrides else args.learning_rate
+    return args
