@@ -84,11 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit_cmd = sub.add_parser("fit", help="for full fine-tuning, LoRA and QLoRA: the cheapest configuration that fits",
                              description="Simulated training steps (fake tensors, no GPU needed) for each method, "
                              "trying the memory levers cheapest first: chunked loss, gradient checkpointing, "
-                             "activation offload, 8-bit optimizer, then smaller micro-batches with gradient "
+                             "activation offload, tiled MLP, 8-bit optimizer, then smaller micro-batches with gradient "
                              "accumulation. --format json gives lorakit.training_args keywords.")
     _add_model_args(fit_cmd)
     fit_cmd.add_argument("--gpu-memory", required=True, help="e.g. 24GiB, 80GB")
     fit_cmd.add_argument("--seq-len", type=int, default=2048)
+    fit_cmd.add_argument("--max-seq-len", action="store_true",
+                         help="instead: the longest sequence that fits at batch 1, and the cheapest levers that "
+                              "get there")
     _add_gpu_args(fit_cmd)
     fit_cmd.add_argument("--global-batch", default="1",
                          help="sequences per optimizer step (micro-batch x gradient accumulation x GPUs); default 1")

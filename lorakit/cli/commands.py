@@ -10,12 +10,15 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
+from typing import Any
 from pathlib import Path
 
 from ..adapter.serving import serving_breaches
 from ..core.errors import LorakitError, SpecError
 from ..core.files import atomic_path, refuse_existing, write_text_atomic
 from ..cost.fit import choices_json, fit, parse_memory, render_fit
+from ..cost.longest import render_longest
 from ..cost.plot import check_path
 from ..cost.render import FORMATS, architecture_summary, architecture_table, plot
 from ..cost.report import report
@@ -161,6 +164,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
         raise LorakitError(f"cannot read a global batch from {args.global_batch!r}",
                            hint="give a positive whole number: micro-batch x gradient accumulation, e.g. 32")
     show = progress_line("simulating")
+    if args.max_seq_len:
+        return _longest(args, limit, lora, int(text), show)
     choices = fit(args.model, limit, seq_len=args.seq_len, global_batch=int(text), lora=lora, attn=args.attn,
                   optimizer=args.optimizer, task=args.task, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                   methods=tuple(args.method or ("full", "lora", "qlora")), quant_path=args.quant_path, progress=show,
@@ -174,6 +179,20 @@ def cmd_fit(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(render_fit(choices, args.model, limit, args.seq_len, int(text), args.quant_path,
                                     args.gpus, args.shard))
+    return 0
+
+
+def _longest(args: argparse.Namespace, limit: int, lora: Lora, global_batch: int, show: Any) -> int:
+    answers = fit(args.model, limit, global_batch=global_batch, lora=lora, attn=args.attn, optimizer=args.optimizer,
+                  task=args.task, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                  methods=tuple(args.method or ("full", "lora", "qlora")), quant_path=args.quant_path, progress=show,
+                  gpus=args.gpus, shard=args.shard, max_seq_len=True)
+    show(None)
+    if args.format == "json":
+        print(json.dumps({"model": args.model, "gpu_memory": limit, "batch": 1, "quant_path": args.quant_path,
+                          "gpus": args.gpus, "shard": args.shard, "methods": [asdict(a) for a in answers]}, indent=2))
+    else:
+        sys.stdout.write(render_longest(answers, args.model, limit, args.gpus, args.shard))
     return 0
 
 

@@ -26,12 +26,13 @@ from ..spec.specs import Lora, Quant
 from . import per_gpu
 from . import sharding
 from .materialise import QUANT_PATHS
+from .ladder import LADDER, METHODS, lever_settings, training_args_for
+from .longest import longest
 from .simulate import Simulation, simulate
 
 logger = logging.getLogger("lorakit")
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-METHODS = ("full", "lora", "qlora")
 
 
 def parse_memory(text: str) -> int:
@@ -42,16 +43,6 @@ def parse_memory(text: str) -> int:
         raise LorakitError(f"cannot read a memory size from {text!r}",
                            hint="write it like 24GiB, 80GB or 40960MiB (a bare number means GiB)")
     return int(float(match.group(1)) * (_UNITS[unit] if unit else 2**30))
-
-
-# The levers, cheapest first (lorakit.cost.levers, training_args): each rung keeps the ones before it. Per rung:
-# what `simulate` is given, and the `training_args` keywords that turn it on.
-_RUNGS = {"none": ({"chunked_loss": False}, {"chunked_loss": False}),
-          "chunked loss": ({"chunked_loss": None}, {"chunked_loss": True}),
-          "checkpointing": ({"gradient_checkpointing": True}, {"gradient_checkpointing": True}),
-          "activation offload": ({"activation_offload": True}, {"activation_offload": True}),
-          "8-bit optimizer": ({"optimizer": "adamw-8bit"}, {"optim": "adamw_bnb_8bit"})}
-LADDER = tuple(_RUNGS)
 
 
 @dataclass
@@ -74,7 +65,8 @@ class Choice:
 def fit(model: Any, gpu_memory: int | str, *, seq_len: int = 2048, global_batch: int = 1, lora: Lora | None = None,
         quant: Quant | None = None, attn: str = "sdpa", optimizer: str = "adamw", task: str | None = None,
         dtype: str | None = None, trust_remote_code: bool = False, methods: tuple = METHODS,
-        quant_path: str = "load", progress: Any = None, gpus: int = 1, shard: str | None = None) -> list[Choice]:
+        quant_path: str = "load", progress: Any = None, gpus: int = 1, shard: str | None = None,
+        max_seq_len: bool = False) -> list[Any]:
     """For full fine-tuning, LoRA and QLoRA (4-bit): the configuration that fits `gpu_memory` with the least
     extra compute, climbing `LADDER` at micro-batch `global_batch`; then, with every lever on, smaller
     micro-batches (divisors of the global batch, at most half the last; gradient accumulation makes up the
@@ -82,7 +74,16 @@ def fit(model: Any, gpu_memory: int | str, *, seq_len: int = 2048, global_batch:
     QLoRA's model is loaded as `quant_path` says (see `simulate`). `progress`, if given, is called with a short
     line before each simulated run. `gpus`, `shard`: what fits on each of `gpus` GPUs training together (data
     parallel, FSDP2 with shard="fsdp", DeepSpeed with "zero2" / "zero3"), each taking `global_batch / gpus` of
-    the global batch."""
+    the global batch.
+    `max_seq_len`: instead, the longest sequence that fits at batch 1 for each method, with the cheapest levers
+    that get there (`lorakit.cost.longest`: a list of `Longest`)."""
+    if max_seq_len:
+        if global_batch != 1:
+            raise LorakitError("the longest context is found at batch 1", hint="drop --global-batch")
+        limit = parse_memory(gpu_memory) if isinstance(gpu_memory, str) else int(gpu_memory)
+        return longest(model, limit, lora=lora, quant=quant, attn=attn, optimizer=optimizer, task=task, dtype=dtype,
+                       trust_remote_code=trust_remote_code, methods=methods, quant_path=quant_path,
+                       progress=progress, gpus=gpus, shard=shard)
     per_gpu.check(gpus, shard)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -110,9 +111,7 @@ def _choose(method: str, spec: dict, limit: int, global_batch: int, progress: An
     tried: list[dict] = []
 
     def run(levers: list[str], micro: int) -> Simulation:
-        settings = dict(common, **spec, batch_size=micro, count_flops=True)
-        for rung in ["none", *levers]:
-            settings.update(_RUNGS[rung][0])
+        settings = dict(common, **spec, batch_size=micro, count_flops=True, **lever_settings(levers))
         if progress is not None:
             progress(f"{method}: {' + '.join(levers) or 'no lever'}, micro-batch {micro}")
         result = simulate(settings.pop("model"), **settings)
@@ -126,12 +125,15 @@ def _choose(method: str, spec: dict, limit: int, global_batch: int, progress: An
     for rung in LADDER[1:]:
         if result.device_total <= limit:
             break
-        if rung == "8-bit optimizer" and (common["optimizer"] != "adamw" or common["shard"] in per_gpu.ZERO_STAGES):
-            continue  # DeepSpeed is simulated with the AdamW it partitions
+        if rung == "8-bit optimizer" and (common["optimizer"] != "adamw" or common["shard"]):
+            continue  # DeepSpeed is simulated with the AdamW it partitions; bitsandbytes' takes no FSDP2 DTensor
+        if rung == "tiled MLP" and common["shard"]:
+            continue  # LoraTrainer tiles MLPs in one process or DDP only
         levers.append(rung)
         result = run(levers, global_batch)
-        if rung == "chunked loss" and not result.settings["chunked_loss"]:
-            levers.remove(rung)  # this model's forward does not allow it (the run's warnings say why)
+        if rung == "chunked loss" and not result.settings["chunked_loss"] or (
+                rung == "tiled MLP" and not result.settings["tiled_mlp"]):
+            levers.remove(rung)  # this model does not allow it (the run's warnings say why)
     micro = global_batch
     while result.device_total > limit and micro > 1:  # smaller micro-batches, accumulated: half or less, a divisor
         micro = max(d for d in range(1, micro // 2 + 1) if global_batch % d == 0)
@@ -145,14 +147,7 @@ def _choose(method: str, spec: dict, limit: int, global_batch: int, progress: An
     fits = result.device_total <= limit
     return Choice(method, fits, levers, micro, global_batch // micro, result.device_total, result.peak_allocated,
                   result.step_flops, result.step_flops / max(plain.step_flops * micro / global_batch, 1) - 1,
-                  result.host_peak, dict(_training_args(levers, micro, global_batch), **shard_args), tried)
-
-
-def _training_args(levers: list[str], micro: int, global_batch: int) -> dict:
-    args: dict = {"per_device_train_batch_size": micro, "gradient_accumulation_steps": global_batch // micro}
-    for rung in ["none", *levers]:  # a chunked-loss rung is kept only where the chunked loss ran
-        args.update(_RUNGS[rung][1])
-    return args
+                  result.host_peak, dict(training_args_for(levers, micro, global_batch), **shard_args), tried)
 
 
 def render_fit(choices: list[Choice], model: str, gpu_memory: int, seq_len: int, global_batch: int = 1,
@@ -232,6 +227,7 @@ def _compare(model: Any, args: Any, shape: tuple) -> None:
                              gradient_checkpointing=bool(args.gradient_checkpointing),
                              chunked_loss=getattr(args, "lorakit_chunked_loss", None),
                              activation_offload=getattr(args, "lorakit_activation_offload", False),
+                             tiled_mlp=getattr(args, "lorakit_tiled_mlp", False),
                              autocast="bfloat16" if args.bf16 else "float16" if args.fp16 else None,
                              gpus=max(args.world_size, 1))
     except Exception as exc:  # a check must never stop training

@@ -152,6 +152,34 @@ def without_value_checks() -> Iterator[None]:
             os.environ["TRANSFORMERS_DISABLE_TORCH_CHECK"] = before
 
 
+@contextlib.contextmanager
+def unpadded_unpacked_rows() -> Iterator[None]:
+    """transformers decides from the batch's values whether attention needs a mask: rows packed together (from
+    the position ids), padding (from the 2D attention mask). Fake tensors have no values, so it would build the
+    full (batch, 1, S, S) mask that a real run of lorakit's sample batch, one unpadded sequence a row, never
+    holds, and send sdpa to a kernel that takes one. Here it answers as for that batch: no packing, no padding.
+    Masks that are real stay: eager attention's, sliding windows' (Mistral's, Gemma 2's)."""
+    from transformers import masking_utils
+    from transformers.utils.import_utils import is_fake_tensor
+
+    saved = {name: getattr(masking_utils, name) for name in
+             ("find_packed_sequence_indices", "_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa")}
+
+    def unpadded(original: Any) -> Any:
+        def check(padding_mask: Any, *args: Any, **kwargs: Any) -> bool:
+            return original(None if is_fake_tensor(padding_mask) else padding_mask, *args, **kwargs)
+        return check
+
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    masking_utils._ignore_causal_mask_sdpa = unpadded(saved["_ignore_causal_mask_sdpa"])
+    masking_utils._ignore_bidirectional_mask_sdpa = unpadded(saved["_ignore_bidirectional_mask_sdpa"])
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(masking_utils, name, value)
+
+
 def position_warning(config: Any, seq_len: int) -> list[str]:
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit and seq_len > limit:

@@ -41,8 +41,9 @@ from .levers import use_chunked_loss
 from .materialise import QUANT_PATHS, materialise, prepare_bitsandbytes, state_tensors
 from .plot import memory_plot
 from .rebuild import (architecture, build, checkpoint, config_dtype, position_warning, specs_of, uniform_blocks,
-                      with_blocks, without_layerdrop, without_value_checks)
+                      unpadded_unpacked_rows, with_blocks, without_layerdrop, without_value_checks)
 from .sharding import SHARDED_HEAD, SHARDS_PARAMETERS, quant_for
+from .tiled_mlp import use_tiled_mlp
 from .training_step import optimizer_for, run_steps, step_flops
 
 ATTENTION = {"sdpa": "sdpa", "eager": "eager", "flash": "sdpa"}
@@ -93,7 +94,7 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
              gradient_checkpointing: bool = False, optimizer: str = "adamw", steps: int = 2,
              preset: str | None = None, trust_remote_code: bool = False, real: bool = False,
              quant_path: str = "load", extrapolate: bool = True, chunked_loss: bool | None = None,
-             activation_offload: bool = False, count_flops: bool = False,
+             activation_offload: bool = False, tiled_mlp: bool | None = False, count_flops: bool = False,
              peft_input_cast: bool = False, gpus: int = 1, shard: str | None = None) -> Simulation:
     """Simulate `steps` training steps of `model` (a config, a name `lorakit.load` accepts, or a transformers
     model in memory, rebuilt from its config and class) with the spec applied, on fake tensors.
@@ -105,7 +106,8 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
     `extrapolate`: a model of identical blocks is simulated with 2 and 3 of them and the rest worked out (exact
     for allocated bytes); False simulates every block.
     `real=True` runs the identical steps on real CPU tensors (small models only): the tests' reference.
-    `chunked_loss`, `activation_offload`: `LoraTrainer`'s memory levers (see `lorakit.cost.levers` and
+    `chunked_loss`, `activation_offload`, `tiled_mlp`: `LoraTrainer`'s memory levers (see `lorakit.cost.levers`,
+    `lorakit.cost.tiled_mlp` and
     `training_args`), simulated with the same code; offloaded bytes are host memory (`Simulation.host_peak`).
     `count_flops`: also count one step's FLOPs, recomputation included (`Simulation.step_flops`), in a step of
     its own.
@@ -142,6 +144,7 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
                batch_size=batch_size, seq_len=seq_len, gradient_checkpointing=gradient_checkpointing,
                optimizer=optimizer, autocast=autocast, steps=steps, trust_remote_code=trust_remote_code,
                real=real, quant_path=quant_path, chunked_loss=chunked_loss, activation_offload=activation_offload,
+               tiled_mlp=tiled_mlp,
                count_flops=count_flops, peft_input_cast=peft_input_cast, gpus=gpus, shard=shard)
     # ZeRO-3 keeps gathered parameters for reuse within a budget of elements (stage3_max_reuse_distance): what
     # it keeps is not linear in the blocks, so it is simulated whole
@@ -167,6 +170,7 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
                            lora=asdict(lora) if lora else None, freeze=asdict(freeze) if freeze else None,
                            quant=asdict(quant) if quant else None, quant_path=quant_path if quant else None,
                            chunked_loss=result.settings["chunked_loss"], activation_offload=activation_offload,
+                           tiled_mlp=result.settings["tiled_mlp"],
                            peft_input_cast=peft_input_cast, gpus=gpus, shard=shard,
                            extrapolated_from_blocks=(2, 3) if blocks else None)
     result.warnings, result.seconds = notes, time.perf_counter() - started
@@ -176,7 +180,7 @@ def simulate(model: Any, *, lora: Lora | dict | int | None = None, freeze: Freez
 def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, lora: Any, freeze: Any, quant: Any,
                    preset: Any, batch_size: int, seq_len: int, gradient_checkpointing: bool, optimizer: str,
                    autocast: Any, steps: int, trust_remote_code: bool, real: bool, quant_path: str,
-                   chunked_loss: bool | None, activation_offload: bool,
+                   chunked_loss: bool | None, activation_offload: bool, tiled_mlp: bool | None,
                    count_flops: bool, peft_input_cast: bool, gpus: int,
                    shard: str | None) -> tuple[Simulation, str]:
     """One simulated run of exactly this config: (the result, the attention implementation that ran)."""
@@ -203,6 +207,11 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
     head_sharded = SHARDED_HEAD if shard in SHARDS_PARAMETERS else None  # ZeRO-2 keeps lm_head whole
     chunked, why_not = use_chunked_loss(net, task, chunked_loss, head_sharded)
     notes = [f"standard causal-LM loss (LoraTrainer's too): {why_not}"] if why_not else []
+    if shard and tiled_mlp:
+        raise SpecError(f"the tiled MLP is not checked under {shard}, and LoraTrainer refuses it there",
+                        hint="simulate without tiled_mlp=True")
+    tiled, why_not = use_tiled_mlp(net, tiled_mlp if not shard else False)
+    notes += [f"MLPs run whole: {why_not}"] if why_not and tiled_mlp is None else []
     if gradient_checkpointing:
         checkpoint(net)
     net.train()
@@ -233,14 +242,16 @@ def _simulate_once(config: Any, *, cls: Any, task: str, dtype: Any, attn: str, l
             if gpus > 1 and not shard:
                 per_gpu.ddp_setup(net, counter)
             setup = counter.live
-            with cuda_kernels(), without_value_checks(), per_gpu.counted(counter) if shard == "fsdp" else \
-                    _maybe(None), per_gpu.fake_4bit_gathered() if shard and quant else _maybe(None):
+            with cuda_kernels(), without_value_checks(), unpadded_unpacked_rows(), \
+                    per_gpu.counted(counter) if shard == "fsdp" else _maybe(None), \
+                    per_gpu.fake_4bit_gathered() if shard and quant else _maybe(None):
                 run_steps(net, inputs, counter, optimizer, autocast, steps, chunked, activation_offload,
-                          autocast is not None and not peft_input_cast, engine)
+                          autocast is not None and not peft_input_cast, engine, tiled, 2 if fake is not None else None)
         # a step of its own: FlopCounterMode beside LiveBytes changes what checkpointing keeps
-        flops = step_flops(net, inputs, autocast, chunked, engine) if count_flops else 0
+        flops = step_flops(net, inputs, autocast, chunked, engine, tiled) if count_flops else 0
     result = _summarise(counter, setup, "", steps)
-    result.settings, result.warnings, result.host_peak = {"chunked_loss": chunked}, notes, counter.host_peak
+    result.settings = {"chunked_loss": chunked, "tiled_mlp": tiled}
+    result.warnings, result.host_peak = notes, counter.host_peak
     result.step_flops = flops
     return result, ran
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from . import zero_replay
 from .levers import chunked_loss, offloaded_activations, uncast_lora_inputs
+from .tiled_mlp import tiled_mlp
 from .stepping import module_names
 
 
@@ -43,8 +44,10 @@ def optimizer_for(net: Any, optimizer: str) -> Any:
 
 
 def run_steps(net: Any, batch: dict, counter: Any, optimizer_name: str, autocast: str | None, steps: int,
-               chunked: bool, offload: bool, uncast: bool, engine: Any = None) -> None:
-    """`engine`: DeepSpeed's, around `net` (`zero_replay`); it runs the backward, clipping and the step."""
+               chunked: bool, offload: bool, uncast: bool, engine: Any = None, tiled: bool = False,
+               replayed_tiles: int | None = None) -> None:
+    """`engine`: DeepSpeed's, around `net` (`zero_replay`); it runs the backward, clipping and the step.
+    `tiled`: the MLPs run in tiles (`tiled_mlp`), of which only `replayed_tiles` are computed on fake tensors."""
     import torch
 
     optimizer = optimizer_for(net, optimizer_name) if engine is None else None
@@ -55,8 +58,9 @@ def run_steps(net: Any, batch: dict, counter: Any, optimizer_name: str, autocast
     for value in inputs.values():
         if isinstance(value, torch.Tensor):
             counter.track(value)
-    # LoRA inputs stay uncast in backward too: checkpointing recomputes the forward there
-    with module_names(net, counter), uncast_lora_inputs(net, uncast):
+    # LoRA inputs stay uncast, and MLPs tiled, in backward too: checkpointing recomputes the forward there
+    with module_names(net, counter), uncast_lora_inputs(net, uncast), \
+            tiled_mlp(net, replayed_tiles) if tiled else contextlib.nullcontext():
         for step in range(1, steps + 1):
             counter.set_phase(step, "forward")
             loss = _loss(net, inputs, autocast, chunked, offload, engine)
@@ -85,11 +89,12 @@ def run_steps(net: Any, batch: dict, counter: Any, optimizer_name: str, autocast
     counter.set_phase(steps, "done")
 
 
-def step_flops(net: Any, inputs: dict, autocast: str | None, chunked: bool, engine: Any = None) -> int:
+def step_flops(net: Any, inputs: dict, autocast: str | None, chunked: bool, engine: Any = None,
+               tiled: bool = False) -> int:
     """One step's FLOPs (forward, backward with its recomputation), in a step of its own: FlopCounterMode beside
     LiveBytes changes what checkpointing keeps. `engine`: DeepSpeed's, around `net`."""
     counter = step_flop_counter()
-    with counter:
+    with counter, tiled_mlp(net) if tiled else contextlib.nullcontext():
         loss = _loss(net, inputs, autocast, chunked, False, engine)
         loss.backward() if engine is None else engine.backward(loss)
     net.zero_grad(set_to_none=True)

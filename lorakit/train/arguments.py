@@ -1,4 +1,4 @@
-"""`training_args`: transformers' TrainingArguments with lorakit's defaults and its two memory levers."""
+"""`training_args`: transformers' TrainingArguments with lorakit's defaults and its memory levers."""
 
 from __future__ import annotations
 
@@ -10,18 +10,20 @@ from ..core.errors import LorakitError
 
 
 def training_args(output_dir: str, *, chunked_loss: bool | None = None, activation_offload: bool = False,
-                  **overrides: Any) -> TrainingArguments:
+                  tiled_mlp: bool = False, **overrides: Any) -> TrainingArguments:
     """TrainingArguments with lorakit's defaults: on CUDA bf16 where supported, else fp16; fp32 on CPU;
     non-reentrant gradient checkpointing when it is turned on; no external loggers. Evaluation is off unless
     eval_strategy is given; `LoraTrainer` turns on per-epoch evaluation when it gets an eval_dataset and
     eval_strategy was left to this default (Trainer refuses to evaluate without an eval set). Without a
     learning_rate, `LoraTrainer` uses the LoRA plan's (the family preset's, see `Plan.defaults`).
 
-    Two memory levers of `LoraTrainer` (see `lorakit.cost.levers`):
+    Three memory levers of `LoraTrainer` (see `lorakit.cost.levers` and `lorakit.cost.tiled_mlp`):
     chunked_loss: a causal LM's training loss over lm_head's weight in chunks, never the full-vocabulary
         logits. None (default): on wherever it computes exactly the standard loss; False: the standard loss.
     activation_offload: what the forward saves for backward (the checkpointed layer inputs) is kept in host
-        memory; needs gradient checkpointing."""
+        memory; needs gradient checkpointing.
+    tiled_mlp: every decoder block's MLP runs over the sequence in tiles, recomputed in backward, so that no MLP
+        activation of the whole sequence is held (exact; one more MLP forward a step)."""
     import torch
 
     if chunked_loss not in (None, True, False):
@@ -44,6 +46,7 @@ def training_args(output_dir: str, *, chunked_loss: bool | None = None, activati
         defaults["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
     args = TrainingArguments(output_dir=output_dir, **{**defaults, **overrides})
     args.lorakit_chunked_loss, args.lorakit_activation_offload = chunked_loss, bool(activation_offload)
+    args.lorakit_tiled_mlp = bool(tiled_mlp)
     args.lorakit_eval_by_default = "eval_strategy" not in overrides and not overrides.get("load_best_model_at_end")
     # the rate TrainingArguments chose for lack of one; LoraTrainer replaces it with the plan's if still unchanged
     args.lorakit_default_rate = None if "learning_rate" in overrides else args.learning_rate

@@ -32,6 +32,7 @@ from ..cost.fit import memory_check_callback
 from ..cost.levers import chunked_loss, offloaded_activations, uncast_lora_inputs, use_chunked_loss
 from ..cost.render import summary
 from ..cost.report import report
+from ..cost.tiled_mlp import tiled_mlp, use_tiled_mlp
 from ..model.wrap import wrap
 from ..plan.make import model_task
 from ..plan.state import state_of
@@ -103,6 +104,12 @@ class LoraTrainer(Trainer):
         if why_not:
             logger.info("standard causal-LM loss: %s", why_not)
         self._offload = getattr(args, "lorakit_activation_offload", False)
+        self._tiled = getattr(args, "lorakit_tiled_mlp", False)
+        if self._tiled and sharding.kind(args):
+            raise LorakitError(f"the tiled MLP is not checked under {sharding.kind(args)}: its backward sends the "
+                               "parameters' gradients outside the sharded step", hint="train without tiled_mlp=True")
+        if self._tiled:
+            use_tiled_mlp(model, True)  # a model that cannot is refused here, with the reason
         if task not in _TOKEN_AVERAGED_TASKS:
             # Trainer multiplies the loss by the number of processes for any model whose forward takes
             # **kwargs, expecting it to divide by num_items_in_batch; classification heads compute a plain
@@ -163,11 +170,12 @@ class LoraTrainer(Trainer):
 
     def training_step(self, model: Any, inputs: dict, num_items_in_batch: Any = None) -> Any:
         # through backward, where checkpointing recomputes the forward (lorakit.cost.levers)
-        uncast = uncast_lora_inputs(self.accelerator.unwrap_model(model), self.args.bf16 or self.args.fp16)
+        unwrapped = self.accelerator.unwrap_model(model)
+        uncast = uncast_lora_inputs(unwrapped, self.args.bf16 or self.args.fp16)
         if self._gradients_to_check and self.is_deepspeed_enabled and self._before_step is None:
             self._before_step = sharding.trainable_digest(self.model)  # DeepSpeed steps inside backward
         try:
-            with uncast:
+            with uncast, tiled_mlp(unwrapped) if self._tiled else contextlib.nullcontext():
                 loss = super().training_step(model, inputs, num_items_in_batch)
         except RuntimeError as exc:
             if "does not require grad" not in str(exc):

@@ -196,7 +196,8 @@ def test_fit_takes_the_cheapest_lever_that_fits(tmp_path):
     common["seq_len"] = 128
     ladder = [dict(chunked_loss=False), {}, dict(gradient_checkpointing=True),
               dict(gradient_checkpointing=True, activation_offload=True),
-              dict(gradient_checkpointing=True, activation_offload=True, optimizer="adamw-8bit")]
+              dict(gradient_checkpointing=True, activation_offload=True, tiled_mlp=True),
+              dict(gradient_checkpointing=True, activation_offload=True, tiled_mlp=True, optimizer="adamw-8bit")]
     at_two = [simulate(config, batch_size=2, **levers, **common).device_total for levers in ladder]
     at_four = simulate(config, batch_size=4, **ladder[-1], **common).device_total
     assert at_two[-1] < at_four
@@ -206,7 +207,7 @@ def test_fit_takes_the_cheapest_lever_that_fits(tmp_path):
     while fewest > 0 and at_two[fewest - 1] <= limit:
         fewest -= 1
     choice, = fit(config, limit, seq_len=128, global_batch=4, lora=lora, task="causal-lm", methods=("lora",))
-    names = ["chunked loss", "checkpointing", "activation offload", "8-bit optimizer"]
+    names = ["chunked loss", "checkpointing", "activation offload", "tiled MLP", "8-bit optimizer"]
     assert choice.fits and choice.levers == names[:fewest]
     assert (choice.micro_batch, choice.accumulation, choice.device_bytes) == (2, 2, at_two[fewest])
     args = lorakit.training_args(str(tmp_path), **choice.training_args)  # taken as it is
