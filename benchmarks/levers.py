@@ -9,6 +9,10 @@
    (`counting.LiveBytes(real tensors, open_custom_ops=True)`: every storage, also inside torch's chunked op)
    and step time, chunked loss vs standard. Targets: <= 0.5x the bytes, <= 1.1x the time.
 4. `lorakit fit` for 8B on 24 GiB at seq 8192, global batch 32: the configuration each method gets.
+5. A real LoraTrainer step with checkpointing of a tiny Llama with a wide MLP at seq 4096, on CPU: peak live bytes,
+   step time and gradients, MLPs whole vs tiled. Targets: <= 0.5x the bytes, <= 1.2x the time, equal gradients.
+6. `lorakit fit --max-seq-len` for 8B, QLoRA r=32 and LoRA r=16, on 24 and 80 GiB, with every lever and with
+   checkpointing alone. Goals: QLoRA on 80 GB >= 342,733 tokens, LoRA on 24 GB >= 32,768.
 """
 
 from __future__ import annotations
@@ -80,6 +84,75 @@ def real_step(vocab: int = 32000, seq: int = 1024, repeats: int = 5) -> dict:
     return out
 
 
+def real_tiled_step(seq: int = 4096, repeats: int = 5) -> dict:
+    """A real LoraTrainer step with checkpointing of a tiny Llama whose MLP is 16 times as wide as the model, on
+    CPU, with the MLPs whole and tiled: peak live bytes, median step time, and the largest difference between the
+    two steps' gradients. Targets: <= 0.5x the bytes, <= 1.2x the time, gradients equal (1e-6)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import lorakit
+    from lorakit.cost.counting import LiveBytes
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=512, max_position_embeddings=seq)
+    ids = torch.randint(0, 512, (1, seq), generator=torch.Generator().manual_seed(0))
+    out: dict = {"model": "tiny Llama (hidden 256, MLP 4096, 2 layers), LoRA r=8 all-linear, checkpointing",
+                 "batch": 1, "seq": seq}
+    grads = {}
+    for name, tiled in (("whole", False), ("tiled", True)):
+        torch.manual_seed(0)
+        args = lorakit.training_args("/tmp/lorakit-levers-bench", tiled_mlp=tiled, save_strategy="no",
+                                     gradient_checkpointing=True)
+        trainer = lorakit.LoraTrainer(model=LlamaForCausalLM(config), args=args, train_dataset=[{"input_ids": ids[0]}],
+                                      lora=lorakit.Lora(r=8, targets="all-linear", dropout=0.0),
+                                      check_gradients=False)
+        model = trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which is not run here
+        batch = {"input_ids": ids, "labels": ids}
+        model.zero_grad()
+        trainer.training_step(model, dict(batch))  # warm-up, and the gradients of the first step
+        grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        counter = LiveBytes(cuda=False, open_custom_ops=True)
+        with counter:
+            trainer.training_step(model, dict(batch))
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            trainer.training_step(model, dict(batch))
+            times.append(time.perf_counter() - started)
+        out[name] = {"peak_live_bytes": counter.peak, "step_seconds": statistics.median(times)}
+    out["bytes_ratio"] = out["tiled"]["peak_live_bytes"] / out["whole"]["peak_live_bytes"]
+    out["time_ratio"] = out["tiled"]["step_seconds"] / out["whole"]["step_seconds"]
+    out["max_gradient_difference"] = max(float((grads["tiled"][k] - grads["whole"][k]).abs().max())
+                                         for k in grads["whole"])
+    out["targets"] = {"bytes_ratio": 0.5, "time_ratio": 1.2, "max_gradient_difference": 1e-6}
+    return out
+
+
+def longest_8b() -> list[dict]:
+    """Issue 35's table: the longest context that fits for Llama-3.1-8B, QLoRA r=32 and LoRA r=16 (all-linear), on
+    24 and 80 GiB, with every lever LoraTrainer has and with a plain recipe (gradient checkpointing alone, the
+    standard loss: Hugging Face's Trainer with peft). Goals: QLoRA r=32 on 80 GB >= 342,733 tokens (unsloth's
+    published figure), LoRA r=16 on 24 GB >= 32,768."""
+    import lorakit
+    from lorakit.cost.longest import longest
+
+    rows = []
+    for method, rank in (("qlora", 32), ("lora", 16)):
+        for gib in (24, 80):
+            for recipe, levers in (("LoraTrainer's levers", None), ("plain: checkpointing only", ("checkpointing",))):
+                started = time.perf_counter()
+                answer, = longest("meta-llama/Llama-3.1-8B", gib * GIB, methods=(method,), levers=levers,
+                                  lora=lorakit.Lora(r=rank, targets="all-linear"))
+                rows.append({"method": method, "r": rank, "gpu_gib": gib, "recipe": recipe,
+                             "longest": answer.seq_len, "levers": answer.levers,
+                             "device_gib": answer.device_bytes / GIB, "host_gib": answer.host_bytes / GIB,
+                             "peak": f"{answer.peak_phase} in {answer.peak_module}",
+                             "seconds": time.perf_counter() - started})
+    return rows
+
+
 def fit_8b() -> list[dict]:
     from lorakit.cost.fit import choices_json, fit
 
@@ -93,10 +166,12 @@ def main() -> dict:
 
     results = {"machine": f"CPU ({torch.get_num_threads()} threads), torch {torch.__version__}",
                "date": time.strftime("%Y-%m-%d"), "simulated_llama_3_1_8b": simulated_8b(),
-               "real_cpu_step": real_step()}
+               "real_cpu_step": real_step(), "real_cpu_tiled_mlp_step": real_tiled_step()}
     started = time.perf_counter()
     results["fit_llama_3_1_8b_24gib_seq8192_global32"] = fit_8b()
     results["fit_seconds"] = time.perf_counter() - started
+    results["longest_context_llama_3_1_8b"] = longest_8b()
+    results["longest_context_goals"] = {"qlora_r32_80gib": 342733, "lora_r16_24gib": 32768}
     path = HERE / "results" / "levers-cpu.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     json.dump(results, sys.stdout, indent=2)
