@@ -97,7 +97,8 @@ def resolve_targets(model: Any, lora: Lora, preset: Preset, block_lists: list[st
         if clash and entry != "all-linear":
             raise SpecError(f"target {entry!r} hits {', '.join(clash)}, which is trained in full",
                             hint="drop it from Lora.targets; heads are trained in full and saved with the adapter")
-        chosen |= {n for n in hits if not under(n, excluded)}
+        # the output head joins only when named: a selection leaves it out (its update is vocabulary-wide)
+        chosen |= {n for n in hits if not under(n, excluded if selection else excluded - output)}
     if lora.layers is not None:
         chosen = in_blocks(model, chosen, lora.layers, block_lists, "Lora.layers")
     if not chosen:
@@ -144,8 +145,9 @@ def tied_layers(model: Any) -> dict[str, str]:
     why = {}
     for names in (n for n in users.values() if len(n) > 1):
         for name in names:
-            why[name] = ("its weight is tied to the output layer: merged, an adapter on it would change the output "
-                         "layer too (untie them first: tie_word_embeddings=False and a copy of the weight)"
+            other = "input embedding" if name in output else "output layer"
+            why[name] = (f"its weight is tied to the {other}: merged, an adapter on it would change the {other} "
+                         "too (untie them first: tie_word_embeddings=False and a copy of the weight)"
                          if output & set(names) else "its weight is shared with another layer (tied): a weight "
                          "used in two places cannot take separate adapters, nor be merged with one")
     return why

@@ -109,3 +109,18 @@ def test_lora_on_an_embedding_tied_to_the_output_layer_is_refused_saying_so():
     with pytest.raises(lorakit.TargetError, match="tied to the output layer"):
         lorakit.make_plan(tied, lora=lorakit.Lora(r=4, targets=["embed_tokens", "q_proj"]))
     assert lorakit.make_plan(tied, lora=lorakit.Lora(r=4, targets=["q_proj"])).target_names  # the rest is fine
+    with pytest.raises(lorakit.TargetError, match="lm_head: its weight is tied to the input embedding"):
+        lorakit.make_plan(tied, lora=lorakit.Lora(r=4, targets=["lm_head", "q_proj"]))
+
+
+def test_an_output_head_named_in_targets_gets_lora_and_all_linear_leaves_it_out():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                         tie_word_embeddings=False))
+    named = lorakit.make_plan(model, lora=lorakit.Lora(r=4, targets=["q_proj", "lm_head"])).target_names
+    assert sorted(named) == ["lm_head", "model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert "lm_head" not in lorakit.make_plan(model, lora=lorakit.Lora(r=4, targets="all-linear")).target_names
+    wrapped = lorakit.wrap(model, lora=lorakit.Lora(r=4, targets=["lm_head"]))
+    assert hasattr(wrapped.base_model.model.lm_head, "lora_A")  # the model gets what the Plan says
