@@ -148,6 +148,23 @@ def test_half_merge_is_checked_against_fp32_within_what_rounding_costs(dtype, tm
         lorakit.merge(tmp_path / "base", adapter, tmp_path / "wrong", dtype=dtype)
 
 
+def test_a_real_models_fp32_merge_verifies_within_peft_own_rounding(smollm2, tmp_path, monkeypatch):
+    """SmolLM2-135M (30 blocks), all-linear: peft's own fp32 merge moves the logits by about 1.5e-4, above a fixed
+    1e-4 bound; the bound is that floor, and a merge 1% off is still caught."""
+    import importlib
+
+    wrapped = look_trained(lorakit.wrap(smollm2.model(), lora=lorakit.Lora(r=8, targets="all-linear")), 0.02)
+    wrapped.save_pretrained(tmp_path / "adapter")
+    save_extras(wrapped, tmp_path / "adapter")
+    figures = lorakit.merge(smollm2.folder, tmp_path / "adapter", tmp_path / "merged")["verification"]
+    assert 1e-4 < figures["rounding_floor"] and figures["max_abs_logit_difference"] <= figures["tolerance"]
+    streaming = importlib.import_module("lorakit.deploy.streaming")
+    real = streaming._scale
+    monkeypatch.setattr(streaming, "_scale", lambda *a: 0.99 * real(*a))
+    with pytest.raises(lorakit.LorakitError, match="verification failed"):
+        lorakit.merge(smollm2.folder, tmp_path / "adapter", tmp_path / "wrong")
+
+
 @pytest.mark.parametrize("kwargs,words", [
     (dict(weights=[1.0, 2.0]), "2 weights for 1 adapters"),
     (dict(method="average"), "unknown merge method"),
