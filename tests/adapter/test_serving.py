@@ -45,8 +45,8 @@ CASES = {
                                {"modules_to_save"}),
     "PiSSA rewrites the base": (dict(r=8, targets="attention", init="pissa"), {"init_lora_weights"},
                                 {"init_lora_weights"}),
-    "LoRA on the embeddings": (dict(r=8, targets=["q_proj", "embed_tokens"]), {"target_modules"},
-                               {"target_modules"}),
+    # vLLM's LlamaForCausalLM declares embed_tokens and lm_head (embedding_modules): served, tested in vLLM
+    "LoRA on the embeddings": (dict(r=8, targets=["q_proj", "embed_tokens"]), set(), {"target_modules"}),
     "a resized vocabulary": (dict(r=8, targets="attention", train_fully=["embed_tokens"], resize=True),
                              {"modules_to_save", "vocabulary"}, {"modules_to_save", "vocabulary"}),
 }
@@ -85,15 +85,35 @@ def test_classification_heads_vllm_accepts_and_moe_experts_it_does_not_load(tmp_
     assert "target_parameters" in {b.rule for b in serving_breaches(tmp_path / "moe-adapter", "vllm")}
 
 
+def test_lora_on_embeddings_depends_on_the_bases_vllm_class(tmp_path):
+    """vLLM adapts embeddings only where the model class declares them: its Qwen2ForCausalLM does not (refused in
+    vLLM, tests/deploy/test_vllm.py); without the base at hand the architecture is unknown, so the rule stands."""
+    build("qwen2").save_pretrained(tmp_path / "qwen2")
+    folder = _adapter(tmp_path / "qwen2", tmp_path / "adapter", r=8, targets=["q_proj", "embed_tokens"])
+    (breach,) = serving_breaches(folder, "vllm")
+    assert breach.rule == "target_modules" and "Qwen2ForCausalLM adapts no embedding" in breach.problem
+    assert breach.says == "expected target modules in"
+    (tmp_path / "qwen2" / "config.json").unlink()  # the base gone: no architecture to go by
+    (breach,) = serving_breaches(folder, "vllm")
+    assert "not at hand" in breach.problem and breach.says == ""
+    assert serving_breaches(folder, "vllm", base=tmp_path / "nowhere")[0].rule == "target_modules"
+
+
 def test_cli_check_lists_each_rule_with_its_fix(base, tmp_path, capsys):
     folder = _adapter(base, tmp_path / "a", r=24, targets="attention", use_dora=True)
     assert main(["check", str(folder), "--serve", "vllm"]) == 1
     out = capsys.readouterr().out
     assert "- r: rank 24" in out and "fix: start vLLM with --max-lora-rank 32" in out
-    assert "- use_dora: DoRA" in out and "breaks 2 rule(s) of vllm" in out
+    assert "vLLM 0.32.0 refuses it: LoRA rank 24 is greater than max_lora_rank 16." in out  # vLLM's words
+    assert "- use_dora: DoRA" in out and "breaks 2 rule(s) of vllm (rules checked in vLLM 0.32.0)" in out
     clean = _adapter(base, tmp_path / "b", r=8, targets="attention")
     assert main(["check", str(clean), "--serve", "sglang"]) == 0
     assert "can be served by sglang as it is" in capsys.readouterr().out
+    assert main(["check", str(folder), "--serve", "vllm", "--max-lora-rank", "32"]) == 1  # the rank fits now
+    out = capsys.readouterr().out
+    assert "- r:" not in out and "breaks 1 rule(s) of vllm" in out
+    assert main(["check", str(folder), "--serve", "vllm", "--max-lora-rank", "24"]) == 2
+    assert "vLLM takes only 1, 8, 16, 32" in capsys.readouterr().err
     assert main(["check", str(tmp_path), "--serve", "vllm"]) == 2  # not an adapter folder: error + hint
     assert "no adapter_config.json" in capsys.readouterr().err
 
