@@ -15,7 +15,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore")
-torch.set_num_threads(2)
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest's two workers (pyproject's addopts) share two cores: one thread each
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(2)
 
 
 def _bert():
