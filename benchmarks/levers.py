@@ -48,12 +48,27 @@ def simulated_8b() -> dict:
             "targets": {"lora_seq8192_loratrainer_gib": 20.0, "qlora_weights_gib": 6.0}}
 
 
+def measured_steps(trainer, model, batch: dict, repeats: int) -> tuple[int, float]:
+    """One more training step (after the caller's warm-up) counted by `LiveBytes` on real tensors, then `repeats`
+    timed: its peak live bytes and the median step time."""
+    from lorakit.cost.counting import LiveBytes
+
+    counter = LiveBytes(cuda=False, open_custom_ops=True)
+    with counter:
+        trainer.training_step(model, dict(batch))
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        trainer.training_step(model, dict(batch))
+        times.append(time.perf_counter() - started)
+    return counter.peak, statistics.median(times)
+
+
 def real_step(vocab: int = 32000, seq: int = 1024, repeats: int = 5) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lorakit
-    from lorakit.cost.counting import LiveBytes
 
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=seq)
@@ -68,16 +83,8 @@ def real_step(vocab: int = 32000, seq: int = 1024, repeats: int = 5) -> dict:
         trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which is not run here
         batch = {"input_ids": ids, "labels": ids}
         trainer.training_step(model, dict(batch))  # warm-up
-        counter = LiveBytes(cuda=False, open_custom_ops=True)
-        with counter:
-            trainer.training_step(model, dict(batch))
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            trainer.training_step(model, dict(batch))
-            times.append(time.perf_counter() - started)
-        out[name] = {"peak_live_bytes": counter.peak, "step_seconds": statistics.median(times),
-                     "uses_chunked_loss": trainer._chunked_loss}
+        peak, seconds = measured_steps(trainer, model, batch, repeats)
+        out[name] = {"peak_live_bytes": peak, "step_seconds": seconds, "uses_chunked_loss": trainer._chunked_loss}
     out["bytes_ratio"] = out["chunked"]["peak_live_bytes"] / out["standard"]["peak_live_bytes"]
     out["time_ratio"] = out["chunked"]["step_seconds"] / out["standard"]["step_seconds"]
     out["targets"] = {"bytes_ratio": 0.5, "time_ratio": 1.1}
@@ -92,7 +99,6 @@ def real_tiled_step(seq: int = 4096, repeats: int = 5) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import lorakit
-    from lorakit.cost.counting import LiveBytes
 
     config = LlamaConfig(hidden_size=256, intermediate_size=4096, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=512, max_position_embeddings=seq)
@@ -113,15 +119,8 @@ def real_tiled_step(seq: int = 4096, repeats: int = 5) -> dict:
         model.zero_grad()
         trainer.training_step(model, dict(batch))  # warm-up, and the gradients of the first step
         grads[name] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-        counter = LiveBytes(cuda=False, open_custom_ops=True)
-        with counter:
-            trainer.training_step(model, dict(batch))
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            trainer.training_step(model, dict(batch))
-            times.append(time.perf_counter() - started)
-        out[name] = {"peak_live_bytes": counter.peak, "step_seconds": statistics.median(times)}
+        peak, seconds = measured_steps(trainer, model, batch, repeats)
+        out[name] = {"peak_live_bytes": peak, "step_seconds": seconds}
     out["bytes_ratio"] = out["tiled"]["peak_live_bytes"] / out["whole"]["peak_live_bytes"]
     out["time_ratio"] = out["tiled"]["step_seconds"] / out["whole"]["step_seconds"]
     out["max_gradient_difference"] = max(float((grads["tiled"][k] - grads["whole"][k]).abs().max())
