@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from transformers import TrainingArguments
@@ -29,6 +30,7 @@ def training_args(output_dir: str, *, chunked_loss: bool | None = None, activati
     if chunked_loss not in (None, True, False):
         raise LorakitError(f"chunked_loss must be True, False or None, got {chunked_loss!r}",
                            hint="None (the default) uses it wherever it gives the standard loss")
+    overrides = current_names(overrides)
     checkpointing = overrides.get("gradient_checkpointing") or overrides.get("activation_checkpointing")
     if activation_offload and not checkpointing:
         raise LorakitError("activation_offload=True needs gradient checkpointing: without it every activation "
@@ -42,8 +44,8 @@ def training_args(output_dir: str, *, chunked_loss: bool | None = None, activati
         defaults["bf16" if torch.cuda.is_bf16_supported() else "fp16"] = True
     else:  # pinned memory only helps copies to a GPU; without one, torch warns on every DataLoader
         defaults["dataloader_pin_memory"] = False
-    if overrides.get("gradient_checkpointing"):
-        defaults["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+    if checkpointing:
+        defaults[checkpointing_keywords_name()] = {"use_reentrant": False}
     args = TrainingArguments(output_dir=output_dir, **{**defaults, **overrides})
     args.lorakit_chunked_loss, args.lorakit_activation_offload = chunked_loss, bool(activation_offload)
     args.lorakit_tiled_mlp = bool(tiled_mlp)
@@ -51,3 +53,32 @@ def training_args(output_dir: str, *, chunked_loss: bool | None = None, activati
     # the rate TrainingArguments chose for lack of one; LoraTrainer replaces it with the plan's if still unchanged
     args.lorakit_default_rate = None if "learning_rate" in overrides else args.learning_rate
     return args
+
+
+# transformers 5.2x renamed these and warns (FutureWarning) on the old names, which its older 5.x releases alone know
+RENAMED = (("gradient_checkpointing", "activation_checkpointing"),
+           ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
+
+
+def current_names(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The arguments with each old name given as the name this transformers has (lorakit's docs and `fit` say
+    gradient_checkpointing, which every transformers 5 takes), so that nothing warns about a name."""
+    fields = {field.name for field in dataclasses.fields(TrainingArguments)}
+    renamed = dict(arguments)
+    for old, new in RENAMED:
+        if new in fields and old in renamed and new not in renamed:
+            renamed[new] = renamed.pop(old)
+    return renamed
+
+
+def checkpointing_keywords_name() -> str:
+    """The TrainingArguments field transformers' Trainer reads the checkpoint function's keywords from."""
+    return next(iter(current_names({"gradient_checkpointing_kwargs": None})))
+
+
+def non_reentrant_checkpointing(args: TrainingArguments | None) -> None:
+    """Reentrant checkpointing with frozen inputs leaves LoRA without gradients: where checkpointing is on and no
+    keywords were given (in TrainingArguments made without training_args too), the non-reentrant kind."""
+    keywords = checkpointing_keywords_name()
+    if args is not None and args.gradient_checkpointing and getattr(args, keywords) is None:
+        setattr(args, keywords, {"use_reentrant": False})

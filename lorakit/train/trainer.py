@@ -36,6 +36,7 @@ from ..cost.tiled_mlp import tiled_mlp, use_tiled_mlp
 from ..model.wrap import wrap
 from ..plan.make import model_task
 from ..plan.state import state_of
+from .arguments import non_reentrant_checkpointing
 from .checkpoints import STAGING, clear_leftovers, publish, verify_checkpoint
 from .data import VisionChatCollator
 from .optimizer import parameter_groups
@@ -85,9 +86,7 @@ class LoraTrainer(Trainer):
             logger.info("learning rate %g from %s (training_args was given none)", args.learning_rate, source)
         if getattr(args, "lorakit_eval_by_default", False) and kwargs.get("eval_dataset") is not None:
             args.eval_strategy = IntervalStrategy.EPOCH  # training_args left evaluation to the eval set
-        if args is not None and args.gradient_checkpointing and args.gradient_checkpointing_kwargs is None:
-            # Reentrant checkpointing with frozen inputs leaves LoRA without gradients.
-            args.gradient_checkpointing_kwargs = {"use_reentrant": False}
+        non_reentrant_checkpointing(args)
         self.loraplus_ratio, self.head_learning_rate = loraplus_ratio, head_learning_rate
         self._gradients_to_check, self._before_step = check_gradients, None
         super().__init__(model=model, args=args, **kwargs)

@@ -135,6 +135,25 @@ def test_checkpointing_on_4bit_trains_lora_with_lorakit_defaults(tmp_path):
     assert all(p.abs().sum() > 0 for n, p in trainer.model.named_parameters() if "lora_B" in n)
 
 
+def test_checkpointing_as_the_docs_spell_it_warns_about_nothing_and_is_non_reentrant(tmp_path):
+    """transformers 5.2x renamed gradient_checkpointing(_kwargs) and warns on the old names: lorakit's docs and fit
+    say gradient_checkpointing=True, and training_args added gradient_checkpointing_kwargs of its own."""
+    import warnings
+
+    from transformers import TrainingArguments
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        made = lorakit.training_args(str(tmp_path), gradient_checkpointing=True, use_cpu=True)
+    # a user's own arguments (their spelling, their warning) get the non-reentrant kind from LoraTrainer
+    theirs = TrainingArguments(str(tmp_path), gradient_checkpointing=True, use_cpu=True, report_to="none")
+    # what the Trainer reads: the new name where this transformers has it
+    for given in (made, lorakit.LoraTrainer(model=build("bert"), args=theirs, train_dataset=token_data()).args):
+        assert given.gradient_checkpointing
+        assert getattr(given, "activation_checkpointing_kwargs", given.gradient_checkpointing_kwargs) == {
+            "use_reentrant": False}
+
+
 class Detached(torch.nn.Module):
     """A model whose adapted layer does not feed the loss: lora_B can never learn."""
 
