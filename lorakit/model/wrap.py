@@ -121,13 +121,18 @@ def quiet_peft(as_written: bool = True) -> Iterator[None]:
       gate_proj, up_proj, down_proj or gate (w1, w2, w3 on Mixtral) becomes an expert parameter. A config
       lorakit wrote (`as_written`: wrap's, or an adapter with a lorakit Plan) names the v5 model's own modules
       and parameters already, and the rewrite would move DeepSeek's dense and shared-expert adapters onto the
-      experts: it is switched off for the call. Another adapter keeps peft's rewrite (it may be a v4 one)."""
+      experts: it is switched off for the call. Another adapter keeps peft's rewrite (it may be a v4 one).
+    * peft checks rank_pattern / alpha_pattern keys against target modules only, and says that a key naming an
+      expert parameter (`target_parameters`: split expert rank) "was ignored" while it applies it. A config lorakit
+      wrote names each target exactly, so that warning is silenced for it."""
     from peft.utils import transformers_weight_conversion as conversion
 
     with _PEFT_CALLS, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         rewrite = conversion.convert_peft_config_for_transformers
         if as_written:
+            warnings.filterwarnings("ignore", message="The following (rank|alpha)_pattern keys did not match",
+                                    category=RuntimeWarning)
             conversion.convert_peft_config_for_transformers = lambda *args, **kwargs: None
         try:
             yield

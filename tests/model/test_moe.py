@@ -4,6 +4,8 @@ a 4-bit base whose experts stay in full precision."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from conftest import FAMILIES, build_family, expert_tensors, family_batch, first_output, look_trained
@@ -35,6 +37,15 @@ def test_split_expert_rank_gives_each_expert_r_over_e(name):
     lora_a = {n: p.shape for n, p in wrapped.named_parameters() if ".experts." in n and ".lora_A." in n}
     # peft stacks one A per expert: (rank * experts, in) per tensor
     assert sorted(s[0] for s in lora_a.values()) == sorted(experts[t].r * shapes[t][0] for t in experts)
+
+
+def test_split_expert_rank_wraps_without_peft_saying_the_ranks_it_applies_were_ignored():
+    """peft matches rank_pattern keys against modules only and warns that expert parameters' keys "were ignored";
+    the test above shows it applies them."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lorakit.wrap(build_family("olmoe"), lora=lorakit.Lora(r=8, expert_rank="split"))
+    assert not [w for w in caught if "pattern keys did not match" in str(w.message)]
 
 
 def test_a_dropout_the_user_did_not_choose_becomes_zero_and_the_plan_says_why():
