@@ -55,7 +55,7 @@ def training_args(output_dir: str, *, chunked_loss: bool | None = None, activati
     return args
 
 
-# transformers 5.2x renamed these and warns (FutureWarning) on the old names, which its older 5.x releases alone know
+# renamed within transformers 5 (5.25 warns, FutureWarning, on the old names): the name is taken from the fields
 RENAMED = (("gradient_checkpointing", "activation_checkpointing"),
            ("gradient_checkpointing_kwargs", "activation_checkpointing_kwargs"))
 
