@@ -26,7 +26,7 @@ from ..spec.specs import Lora, Quant
 from . import per_gpu
 from . import sharding
 from .materialise import QUANT_PATHS
-from .ladder import LADDER, METHODS, lever_settings, training_args_for
+from .ladder import LADDER, METHODS, applies, lever_settings, ran, training_args_for
 from .longest import longest
 from .simulate import Simulation, simulate
 
@@ -125,14 +125,11 @@ def _choose(method: str, spec: dict, limit: int, global_batch: int, progress: An
     for rung in LADDER[1:]:
         if result.device_total <= limit:
             break
-        if rung == "8-bit optimizer" and (common["optimizer"] != "adamw" or common["shard"]):
-            continue  # DeepSpeed is simulated with the AdamW it partitions; bitsandbytes' takes no FSDP2 DTensor
-        if rung == "tiled MLP" and common["shard"]:
-            continue  # LoraTrainer tiles MLPs in one process or DDP only
+        if not applies(rung, common["optimizer"], common["shard"]):
+            continue
         levers.append(rung)
         result = run(levers, global_batch)
-        if rung == "chunked loss" and not result.settings["chunked_loss"] or (
-                rung == "tiled MLP" and not result.settings["tiled_mlp"]):
+        if not ran(rung, result.settings):
             levers.remove(rung)  # this model does not allow it (the run's warnings say why)
     micro = global_batch
     while result.device_total > limit and micro > 1:  # smaller micro-batches, accumulated: half or less, a divisor

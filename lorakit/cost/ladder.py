@@ -30,3 +30,22 @@ def training_args_for(levers: list[str], micro: int, global_batch: int) -> dict:
     for rung in ["none", *levers]:  # a chunked-loss rung is kept only where the chunked loss ran
         args.update(_RUNGS[rung][1])
     return args
+
+
+def applies(rung: str, optimizer: str, shard: str | None) -> bool:
+    """Whether `fit` climbs this rung for a run with this optimizer and sharding: no 8-bit optimizer beside another
+    optimizer or under sharding (DeepSpeed is simulated with the AdamW it partitions; bitsandbytes' optimizer takes
+    no FSDP2 DTensor), no tiled MLP under sharding (LoraTrainer tiles MLPs in one process or DDP only)."""
+    if rung == "8-bit optimizer":
+        return optimizer == "adamw" and not shard
+    return not (rung == "tiled MLP" and shard)
+
+
+_ALLOWED_BY_MODEL = {"chunked loss": "chunked_loss", "tiled MLP": "tiled_mlp"}
+
+
+def ran(rung: str, settings: dict) -> bool:
+    """Whether a simulation with this rung on ran it: a model may not allow the chunked loss or the tiled MLP
+    (the run's warnings say why), and `simulate` then leaves it off in its settings."""
+    key = _ALLOWED_BY_MODEL.get(rung)
+    return key is None or bool(settings[key])

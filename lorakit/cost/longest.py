@@ -19,7 +19,7 @@ from typing import Any
 from ..core.errors import LorakitError
 from ..spec.specs import Lora, Quant
 from . import per_gpu
-from .ladder import LADDER, METHODS, lever_settings, training_args_for
+from .ladder import LADDER, METHODS, applies, lever_settings, ran, training_args_for
 from .simulate import simulate
 
 GRANULARITY = 1024  # tokens: the answer is a multiple of it
@@ -58,10 +58,7 @@ def longest(model: Any, gpu_memory: int, *, lora: Lora | None = None, quant: Qua
     specs = {"full": {}, "lora": {"lora": lora}, "qlora": {"lora": lora, "quant": quant, "quant_path": quant_path}}
     common = dict(model=model, task=task, dtype=dtype, attn=attn, optimizer=optimizer, batch_size=1,
                   trust_remote_code=trust_remote_code, gpus=gpus, shard=shard)
-    # as fit climbs them: no 8-bit optimizer beside another optimizer or under sharding (DeepSpeed partitions its
-    # AdamW; bitsandbytes' takes no FSDP2 DTensor), no tiled MLP under sharding (LoraTrainer refuses it)
-    every = [r for r in LADDER[1:] if not (r in ("8-bit optimizer", "tiled MLP") and shard)
-             and not (r == "8-bit optimizer" and optimizer != "adamw") and (levers is None or r in levers)]
+    every = [r for r in LADDER[1:] if applies(r, optimizer, shard) and (levers is None or r in levers)]  # as fit
     return [_longest(method, specs[method], gpu_memory, every, common, progress, per_gpu.training_keywords(shard))
             for method in methods]
 
@@ -85,8 +82,7 @@ def _longest(method: str, spec: dict, limit: int, every: list[str], common: dict
     def fits(seq_len: int, levers: list[str]) -> bool:
         return run(seq_len, levers).device_total <= limit
 
-    levers = [r for r in every if not (r == "tiled MLP" and not run(GRANULARITY, every).settings["tiled_mlp"])
-              and not (r == "chunked loss" and not run(GRANULARITY, every).settings["chunked_loss"])]
+    levers = [r for r in every if ran(r, run(GRANULARITY, every).settings)]
     if not fits(GRANULARITY, levers):
         return _answer(method, 0, levers, run(GRANULARITY, levers), tried, shard_args)
     good, bad = GRANULARITY, None
