@@ -1,9 +1,9 @@
 """The tiled MLP, a memory lever of `LoraTrainer` that `simulate` replays with the same code.
 
-A decoder block's MLP acts on each position alone, so it may run over the sequence in tiles: each tile's
-forward is checkpointed (torch's non-reentrant checkpoint: its activations are dropped and recomputed, one
-tile at a time, in backward), and only the tiles' outputs, written into one tensor, and their inputs (a view of
-the block's own input) outlive it. A long sequence's gate, up and activation tensors (3 x intermediate size per
+A decoder block's MLP acts on each position alone, so it may run over the sequence in tiles: an autograd
+function runs each tile's forward without a graph and recomputes it, one tile at a time, in backward (with the
+same random state and autocast), so only the tiles' outputs, written into one tensor, and their input (the
+block's own) outlive it. A long sequence's gate, up and activation tensors (3 x intermediate size per
 token) then never exist whole: the backward peak is one tile's. The tiles are as long as the model is wide
 (ALST's and Liger's TiledMLP choice), never fewer than two. The result is exact: the same outputs, and gradients
 summed over tiles instead of in one matmul. It costs one more MLP forward per step, recomputed in backward.
@@ -166,9 +166,7 @@ def tiled_mlp(model: Any, run: int | None = None) -> Iterator[None]:
     `run`: compute only the first `run` tiles of each MLP, the simulator's replay on fake tensors, which have no
     values to get wrong: every tile allocates and frees the same, so two tell the peak (FLOPs are counted apart,
     with every tile)."""
-    why_not = tiled_mlp_blocker(model)
-    if why_not:
-        raise LorakitError(f"the tiled MLP cannot apply: {why_not}", hint="train without tiled_mlp=True")
+    use_tiled_mlp(model, True)  # a model whose MLPs cannot run in tiles is refused with the reason
     mlps = list(block_mlps(model).values())
     for mlp in mlps:
         mlp.forward = functools.partial(_tiled_forward, mlp, type(mlp).forward.__get__(mlp), run)
